@@ -1,0 +1,263 @@
+"""The NumPy adapter: models with ``params``, ``forward(x)``, ``backward(dout)`` and ``grads``.
+
+The protocol (see the NumPy guide):
+
+- ``model.params``: a dict of float arrays, the parameters;
+- ``model.forward(x) -> out``: caches what ``backward`` needs;
+- ``model.backward(dout) -> dx``: given ``dL/dout``, fills ``model.grads`` (same
+  keys and shapes as ``params``) and returns ``dL/dx`` (may be ``None`` when only
+  parameters are checked);
+- optional ``model.regularization() -> float``: a penalty added to the loss,
+  whose gradient ``backward`` includes in ``grads``.
+
+The check runs on a deep copy of the model, so the user's arrays, caches and
+random generators are never touched. Before every evaluation the copy's random
+generators (attributes holding ``np.random.Generator`` or ``RandomState``) and
+NumPy's global random state are reset to what they were at the start, so seeded
+dropout draws the same mask every time; the global state is put back afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from gradcheck._errors import (
+    InvalidOptionError,
+    ModelError,
+    NothingToCheckError,
+    ShapeMismatchError,
+)
+from gradcheck._losses import numpy_loss
+from gradcheck._problem import BlockKind, FlatProblem, block_layout, output_projection
+
+_RNG_TYPES = (np.random.Generator, np.random.RandomState, np.random.BitGenerator)
+
+
+def matches(model: Any) -> bool:
+    return (
+        isinstance(getattr(model, "params", None), Mapping)
+        and callable(getattr(model, "forward", None))
+        and callable(getattr(model, "backward", None))
+    )
+
+
+def _find_rngs(obj: Any, depth: int = 3, seen: set[int] | None = None) -> Iterator[Any]:
+    """Random generators held by ``obj`` (attributes, lists, dicts), a few levels deep."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth < 0:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, _RNG_TYPES):
+        yield obj
+        return
+    if isinstance(obj, np.ndarray):
+        return
+    if isinstance(obj, Mapping):
+        children: Any = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = obj
+    elif hasattr(obj, "__dict__"):
+        children = list(vars(obj).values())
+    else:
+        return
+    for child in children:
+        yield from _find_rngs(child, depth - 1, seen)
+
+
+def _rng_state(rng: Any) -> Any:
+    if isinstance(rng, np.random.Generator):
+        return rng.bit_generator.state
+    if isinstance(rng, np.random.RandomState):
+        return rng.get_state(legacy=False)
+    return rng.state
+
+
+def _set_rng_state(rng: Any, state: Any) -> None:
+    if isinstance(rng, np.random.Generator):
+        rng.bit_generator.state = state
+    elif isinstance(rng, np.random.RandomState):
+        rng.set_state(state)
+    else:
+        rng.state = state
+
+
+def _loss_pair(
+    loss: Any, y: Any, seed: int
+) -> tuple[Callable[[np.ndarray], float], Callable[[np.ndarray], np.ndarray]]:
+    """``(L(out), dL/dout(out))`` for the loss option, with ``y`` bound."""
+    if loss is None and y is None:
+        cache: dict[tuple[int, ...], np.ndarray] = {}
+
+        def proj(out: np.ndarray) -> np.ndarray:
+            shape = np.shape(out)
+            if shape not in cache:
+                cache[shape] = output_projection(shape, seed)
+            return cache[shape]
+
+        return (lambda out: float(np.sum(np.asarray(out) * proj(out)))), proj
+    if loss is None or isinstance(loss, str):
+        fn, grad = numpy_loss(loss or "mse")
+    elif isinstance(loss, tuple) and len(loss) == 2 and all(callable(f) for f in loss):
+        fn, grad = loss
+    elif callable(loss):
+        raise InvalidOptionError(
+            "for NumPy models, loss must be a name or a (loss, loss_grad) pair; "
+            f"got the callable {getattr(loss, '__name__', loss)!r} alone, which has no gradient"
+        )
+    else:
+        raise InvalidOptionError(
+            f"loss must be None, a name or a (loss, loss_grad) pair; got {type(loss).__name__}"
+        )
+    if y is None:
+        raise InvalidOptionError("a loss was given but y is None; pass the target y")
+    target = np.asarray(y)
+    return (lambda out: float(fn(out, target))), (lambda out: np.asarray(grad(out, target)))
+
+
+def _float_params(model: Any) -> dict[str, np.ndarray]:
+    params = {}
+    for name, value in model.params.items():
+        if not isinstance(value, np.ndarray):
+            raise ModelError(
+                f"model.params[{name!r}] must be a NumPy array; got {type(value).__name__}"
+            )
+        if np.issubdtype(value.dtype, np.floating):
+            params[str(name)] = value
+    return params
+
+
+def _promote(work: Any, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Give the copy float64 parameters, also where an attribute aliases a params entry."""
+    promoted = {}
+    for name, value in params.items():
+        if value.dtype == np.float64:
+            promoted[name] = value
+            continue
+        new = value.astype(np.float64)
+        work.params[name] = new
+        for attr, held in list(vars(work).items()):
+            if held is value:
+                setattr(work, attr, new)
+        promoted[name] = new
+    return promoted
+
+
+def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> FlatProblem:
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:  # pragma: no cover - exotic models
+        raise ModelError(f"cannot copy the model to check it safely: {exc}") from exc
+    params = _float_params(work)
+    original_dtypes = {p.dtype for p in params.values()}
+    params = _promote(work, params)
+    loss_fn, loss_grad = _loss_pair(loss, y, seed)
+    x_arr = None if x is None else np.asarray(x)
+    x_is_block = x_arr is not None and np.issubdtype(x_arr.dtype, np.floating)
+    x_work = None if x_arr is None else (x_arr.astype(np.float64) if x_is_block else x_arr.copy())
+
+    layout: list[tuple[str, tuple[int, ...], BlockKind]] = []
+    if wrt in ("all", "params"):
+        layout += [(name, p.shape, "param") for name, p in params.items() if p.size]
+    if wrt in ("all", "inputs") and x_is_block and x_work is not None and x_work.size:
+        layout.append(("input", x_work.shape, "input"))
+    if not layout:
+        raise NothingToCheckError(
+            f"nothing to check with wrt={wrt!r}: the model has "
+            f"{len(params)} float parameters and the input is "
+            + ("missing" if x_arr is None else f"of dtype {x_arr.dtype}")
+        )
+    blocks = block_layout(layout)
+    views = {b.name: b for b in blocks}
+    theta0 = np.concatenate(
+        [(x_work if b.kind == "input" else params[b.name]).reshape(-1) for b in blocks]  # type: ignore[union-attr]
+    ).astype(np.float64)
+
+    rngs = list(_find_rngs(work))
+    rng_states = [_rng_state(r) for r in rngs]
+    regularization = getattr(work, "regularization", None)
+
+    @contextmanager
+    def evaluation(theta: np.ndarray) -> Iterator[np.ndarray | None]:
+        global_state = np.random.get_state()
+        try:
+            for rng, state in zip(rngs, rng_states, strict=True):
+                _set_rng_state(rng, copy.deepcopy(state))
+            for name, block in views.items():
+                if block.kind == "param":
+                    np.copyto(params[name], theta[block.slice].reshape(block.shape))
+            x_eval = x_work
+            if "input" in views:
+                x_eval = theta[views["input"].slice].reshape(views["input"].shape).copy()
+            yield x_eval
+        finally:
+            np.random.set_state(global_state)
+
+    def total_loss(out: Any) -> float:
+        value = loss_fn(np.asarray(out))
+        if callable(regularization):
+            value += float(regularization())
+        return value
+
+    def loss_at(theta: np.ndarray) -> float:
+        with evaluation(theta) as x_eval:
+            return total_loss(work.forward(x_eval))
+
+    def gradient_at(theta: np.ndarray) -> np.ndarray:
+        with evaluation(theta) as x_eval:
+            out = np.asarray(work.forward(x_eval))
+            dout = np.asarray(loss_grad(out), dtype=np.float64)
+            if dout.shape != out.shape:
+                raise ShapeMismatchError(
+                    f"loss_grad returned shape {dout.shape}; the output has shape {out.shape}"
+                )
+            grads = getattr(work, "grads", None)
+            if isinstance(grads, dict):
+                for value in grads.values():
+                    if isinstance(value, np.ndarray) and value.flags.writeable:
+                        value.fill(0.0)
+            dx = work.backward(dout)
+            grads = getattr(work, "grads", None)
+            flat = np.empty(theta.size, dtype=np.float64)
+            for block in blocks:
+                if block.kind == "input":
+                    if dx is None:
+                        raise ModelError(
+                            "backward returned None, so the input gradient cannot be checked; "
+                            "return dL/dx from backward or pass wrt='params'"
+                        )
+                    value = np.asarray(dx)
+                    what = "the input gradient returned by backward"
+                else:
+                    if not isinstance(grads, Mapping) or block.name not in grads:
+                        have = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__
+                        raise ShapeMismatchError(
+                            f"model.grads has no entry {block.name!r} after backward; "
+                            f"expected the keys of model.params, got {have}"
+                        )
+                    value = np.asarray(grads[block.name])
+                    what = f"model.grads[{block.name!r}]"
+                if value.shape != block.shape:
+                    raise ShapeMismatchError(
+                        f"{what} has shape {value.shape}; expected {block.shape}"
+                    )
+                flat[block.slice] = value.reshape(-1)
+            return flat
+
+    notes = []
+    if any(d != np.float64 for d in original_dtypes):
+        names = ", ".join(sorted(str(d) for d in original_dtypes))
+        notes.append(f"parameters of dtype {names} were checked on a float64 copy")
+    return FlatProblem(
+        theta0=theta0,
+        loss=loss_at,
+        gradient=gradient_at,
+        blocks=blocks,
+        framework="numpy",
+        notes=notes,
+        batching="loop",
+    )

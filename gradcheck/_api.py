@@ -1,0 +1,75 @@
+"""``check_gradients`` and ``assert_gradients``: pick an adapter, build the problem, run the core."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._check import run_check
+from ._dispatch import select_adapter
+from ._options import CheckOptions, Mode, Wrt, check_wrt
+from ._report import Report
+
+
+def check_gradients(
+    model: Any,
+    x: Any = None,
+    y: Any = None,
+    *,
+    loss: Any = None,
+    wrt: Wrt = "all",
+    mode: Mode = "auto",
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_evals: int | None = None,
+) -> Report:
+    """Check a model's analytical gradients against numerical derivatives.
+
+    Args:
+        model: a ``torch.nn.Module`` or a callable of tensors; a JAX
+            ``(apply_fn, params)`` pair, an Equinox module or a Flax module with its
+            variables; or a NumPy model with ``params``, ``forward(x)``,
+            ``backward(dout)`` and ``grads`` (see the NumPy guide).
+        x: the input (an array, or a tuple/dict of arrays). Float inputs are
+            checked too unless ``wrt="params"``; integer inputs pass through.
+        y: the target. ``None`` reduces the output to ``sum(out * r)`` with a
+            fixed random ``r``, which checks the whole vector-Jacobian product.
+        loss: a callable ``loss(out, y)``, a name (``"mse"``, ``"cross_entropy"``,
+            ``"categorical_crossentropy"``, ``"bce"``, ``"bce_with_logits"``), or for
+            NumPy a ``(loss, loss_grad)`` pair. Default: ``"mse"`` when ``y`` is given.
+        wrt: check ``"all"`` blocks, only ``"params"`` or only ``"inputs"``.
+        mode: ``"full"`` compares every entry (about 2 evaluations each);
+            ``"fast"`` probes random directions per block at a cost independent of
+            the size, then localises wrong entries; ``"auto"`` (default) runs full
+            up to 20,000 entries and fast above. The report says which ran.
+        seed: seeds every random choice (directions, the output projection, the
+            RNG reset before each evaluation); the same seed gives the same report.
+        rtol, atol: override the defaults of :data:`gradcheck.TOLERANCES` for the
+            precision the model is evaluated in. ``atol`` is relative to the largest
+            gradient of each block.
+        max_evals: a cap on loss evaluations; a check that reaches it fails and
+            says so rather than passing.
+
+    Returns:
+        A :class:`Report`; ``report.passed`` is the verdict and ``str(report)`` the
+        readable message. Call :func:`assert_gradients` to raise instead.
+
+    When a check cannot be trusted:
+        Models are evaluated on a float64 copy where the adapter can make one. A
+        model that only runs in float32 is checked in float32 with looser
+        tolerances (``TOLERANCES["float32"]``), and the report says so; small
+        relative errors (around 1e-3) are then invisible. At points where the loss
+        is not differentiable (ReLU at 0, ties in a max), one-sided derivatives
+        disagree; the entry is accepted when the analytic value is one of them
+        and listed as a kink. A forward pass that stays random after the RNG is
+        reset before every evaluation makes the check inconclusive (it fails).
+    """
+    options = CheckOptions(mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals)
+    adapter = select_adapter(model)
+    problem = adapter.build_problem(model, x, y, loss=loss, wrt=check_wrt(wrt), seed=seed)
+    return run_check(problem, options)
+
+
+def assert_gradients(model: Any, x: Any = None, y: Any = None, **options: Any) -> Report:
+    """:func:`check_gradients`, raising :class:`GradientCheckError` unless the check passes."""
+    return check_gradients(model, x, y, **options).raise_if_failed()

@@ -1,0 +1,382 @@
+"""The core checker: compare a FlatProblem's analytic gradient with numerical derivatives."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ._diagnosis import diagnose
+from ._errors import ModelError, NonFiniteError, ShapeMismatchError
+from ._numerics import (
+    BudgetExhausted,
+    Differences,
+    Evaluator,
+    base_steps,
+    coordinate_differences,
+    refine,
+    subset,
+)
+from ._options import CheckOptions, Mode, Tolerance
+from ._problem import Block, FlatProblem
+from ._report import MAX_ROWS, BlockResult, Entry, Report
+
+#: ``mode="auto"`` checks every entry up to this many parameters, and probes directions above.
+AUTO_FULL_LIMIT = 20_000
+
+
+def _analytic(problem: FlatProblem) -> np.ndarray:
+    g = np.asarray(problem.gradient(problem.theta0.copy()), dtype=np.float64)
+    if g.shape != problem.theta0.shape:
+        raise ShapeMismatchError(
+            f"the analytic gradient has shape {g.shape}; expected {problem.theta0.shape}"
+        )
+    for block in problem.blocks:
+        part = g[block.slice]
+        if not np.all(np.isfinite(part)):
+            bad = int(np.flatnonzero(~np.isfinite(part))[0])
+            raise NonFiniteError(
+                f"the analytic gradient of `{block.name}` is not finite at the starting point "
+                f"(entry {block.index(bad)} is {part[bad]})"
+            )
+    return g
+
+
+def _choose_mode(mode: Mode, size: int) -> tuple[str, str]:
+    if mode == "auto":
+        if size <= AUTO_FULL_LIMIT:
+            return "full", f"auto: {size:,} entries <= {AUTO_FULL_LIMIT:,}"
+        return "fast", f"auto: {size:,} entries > {AUTO_FULL_LIMIT:,}"
+    return mode, f"mode={mode}"
+
+
+class _FullBlock:
+    """Full mode on one block: every entry, refined where the first pass disagrees."""
+
+    def __init__(
+        self,
+        ev: Evaluator,
+        block: Block,
+        g: np.ndarray,
+        h: np.ndarray,
+        f0: float,
+        tol: Tolerance,
+        grad_scale: float,
+        max_refine: int,
+    ) -> None:
+        self.ev, self.block, self.tol, self.f0 = ev, block, tol, f0
+        self.idx = np.arange(block.offset, block.offset + block.size)
+        self.a = g[block.slice]
+        self.h = h[block.slice]
+        self.grad_scale = grad_scale
+        self.max_refine = max_refine
+
+    def run(self) -> tuple[BlockResult, np.ndarray]:
+        tol, a = self.tol, self.a
+        first = coordinate_differences(self.ev, self.idx, self.h, self.f0)
+        numeric = first.central
+        error = first.roundoff(tol)
+        finite = np.isfinite(numeric)
+        scale = float(np.max(np.abs(numeric[finite]))) if np.any(finite) else 0.0
+        floor = tol.atol * scale + 64.0 * tol.eps * max(self.grad_scale, scale)
+        with np.errstate(invalid="ignore"):
+            curvature = np.abs(first.right - first.left)
+            allowed = floor + tol.rtol * np.abs(numeric) + tol.safety * error + tol.rtol * curvature
+            diff = np.abs(a - numeric)
+            ok = diff <= allowed
+        allowed = np.where(np.isfinite(allowed), allowed, np.inf)
+        kink = np.zeros(a.size, dtype=bool)
+        lo = np.full(a.size, np.nan)
+        hi = np.full(a.size, np.nan)
+        suspicious = np.flatnonzero(~ok)
+        unevaluable = 0
+        if suspicious.size:
+            ratio = np.where(np.isfinite(diff[suspicious]), diff[suspicious] / np.maximum(allowed[suspicious], 1e-300), np.inf)
+            order = suspicious[np.argsort(ratio, kind="stable")]
+            chosen, rest = order[: self.max_refine], order[self.max_refine :]
+            if chosen.size:
+                ok[chosen] = self._refine(chosen, first, floor, numeric, error, allowed, kink, lo, hi)
+            if rest.size:
+                ok[rest] = self._decide_unrefined(rest, first, floor, allowed, kink, lo, hi)
+            not_finite = ~np.isfinite(numeric)
+            unevaluable = int(np.sum(not_finite))
+            ok[not_finite] = True  # reported in a note, not as a mismatch
+        bad = ~ok
+        result = self._result(numeric, error, allowed, bad, kink, lo, hi, scale, unevaluable,
+                              refined=min(suspicious.size, self.max_refine),
+                              unrefined=max(suspicious.size - self.max_refine, 0))
+        return result, numeric
+
+    def _refine(
+        self,
+        chosen: np.ndarray,
+        first: Differences,
+        floor: float,
+        numeric: np.ndarray,
+        error: np.ndarray,
+        allowed: np.ndarray,
+        kink: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+    ) -> np.ndarray:
+        tol, a = self.tol, self.a[chosen]
+        idx, h, ev, f0 = self.idx[chosen], self.h[chosen], self.ev, self.f0
+        r = refine(
+            lambda factor: coordinate_differences(ev, idx, h * factor, f0),
+            subset(first, chosen),
+            tol,
+        )
+        numeric[chosen] = r.numeric
+        error[chosen] = r.error
+        with np.errstate(invalid="ignore"):
+            gap = np.abs(r.right - r.left)
+            gap = np.where(np.isfinite(gap), gap, 0.0)
+            allow = floor + tol.rtol * np.abs(r.numeric) + tol.safety * r.error + tol.rtol * gap
+            ok = np.abs(a - r.numeric) <= allow
+            at_kink = ~ok & r.kink
+            slack = floor + tol.rtol * np.abs(a) + tol.safety * r.one_sided_noise
+            inside = (a >= r.lo - slack) & (a <= r.hi + slack)
+        allowed[chosen] = np.where(np.isfinite(allow), allow, np.inf)
+        kink[chosen] = at_kink
+        lo[chosen] = r.lo
+        hi[chosen] = r.hi
+        return ok | (at_kink & inside)
+
+    def _decide_unrefined(
+        self,
+        rest: np.ndarray,
+        first: Differences,
+        floor: float,
+        allowed: np.ndarray,
+        kink: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+    ) -> np.ndarray:
+        """Beyond the refinement budget: a generous test on first-pass data (sure mismatches only)."""
+        tol, a = self.tol, self.a[rest]
+        with np.errstate(invalid="ignore"):
+            left, right = first.left[rest], first.right[rest]
+            curvature = np.abs(right - left)
+            central = first.central[rest]
+            generous = allowed[rest] + tol.safety * curvature
+            ok = np.abs(a - central) <= generous
+            low, high = np.minimum(left, right), np.maximum(left, right)
+            inside = (a >= low - allowed[rest]) & (a <= high + allowed[rest])
+        allowed[rest] = generous
+        kink[rest] = ~ok & inside
+        lo[rest], hi[rest] = low, high
+        return ok | inside
+
+    def _result(
+        self,
+        numeric: np.ndarray,
+        error: np.ndarray,
+        allowed: np.ndarray,
+        bad: np.ndarray,
+        kink: np.ndarray,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        scale: float,
+        unevaluable: int,
+        refined: int,
+        unrefined: int,
+    ) -> BlockResult:
+        block, a = self.block, self.a
+
+        def entry(i: int) -> Entry:
+            at_kink = bool(kink[i])
+            return Entry(
+                index=block.index(i),
+                analytic=float(a[i]),
+                numeric=float(numeric[i]),
+                error=float(error[i]),
+                tolerance=float(allowed[i]),
+                kink=at_kink,
+                one_sided=(float(lo[i]), float(hi[i])) if at_kink else None,
+            )
+
+        bad_idx = np.flatnonzero(bad)
+        diffs = np.abs(a[bad_idx] - numeric[bad_idx])
+        worst = bad_idx[np.argsort(-diffs, kind="stable")][:MAX_ROWS]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.where(numeric[bad_idx] != 0, diffs / np.abs(numeric[bad_idx]), np.inf)
+        kink_ok = np.flatnonzero(kink & ~bad)
+        notes = []
+        if unevaluable:
+            notes.append(f"{unevaluable} entries not checked: the loss is not finite within the step")
+        if unrefined:
+            notes.append(
+                f"{unrefined} suspicious entries judged on the first pass only (max_refine={self.max_refine})"
+            )
+        if bad_idx.size and np.any(kink[bad_idx]):
+            notes.append(
+                f"{int(np.sum(kink[bad_idx]))} mismatches lie at non-differentiable points where the "
+                "analytic value is not a one-sided derivative"
+            )
+        return BlockResult(
+            name=block.name,
+            shape=block.shape,
+            kind=block.kind,
+            checked=block.size - unevaluable,
+            size=block.size,
+            mismatches=int(bad_idx.size),
+            worst=tuple(entry(int(i)) for i in worst),
+            kinks=int(kink_ok.size),
+            kink_examples=tuple(entry(int(i)) for i in kink_ok[:MAX_ROWS]),
+            max_abs_diff=float(diffs.max()) if diffs.size else 0.0,
+            max_rel_diff=float(rel.max()) if rel.size else 0.0,
+            scale=scale,
+            diagnosis=diagnose(a, numeric, bad, block.shape),
+            note="; ".join(notes) or None,
+        )
+
+
+def _unchecked(block: Block, why: str) -> BlockResult:
+    return BlockResult(
+        name=block.name, shape=block.shape, kind=block.kind, checked=0, size=block.size,
+        mismatches=0, note=why,
+    )
+
+
+def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
+    """Check ``problem``'s analytic gradient; the whole of the core in one call."""
+    start = time.perf_counter()
+    tol = options.tolerance(problem.precision)
+    ev = Evaluator(problem, options.max_evals)
+    warnings = list(problem.notes)
+    g = _analytic(problem)
+    ev.charge(1)
+    f0 = ev.point(problem.theta0)
+    if not math.isfinite(f0):
+        raise NonFiniteError(f"the loss is not finite at the starting point: {f0}")
+    mode, reason = _choose_mode(options.mode, problem.size)
+    blocks: list[BlockResult] = []
+    numeric_all: np.ndarray | None = None
+    issue: str | None = None
+    f0_again = ev.point(problem.theta0)
+    if f0_again != f0:
+        issue = (
+            f"the loss is not deterministic: two evaluations at the same point gave {f0!r} and "
+            f"{f0_again!r} (reset or fix the randomness in the forward pass)"
+        )
+        blocks = [_unchecked(b, "not checked: non-deterministic loss") for b in problem.blocks]
+    elif mode == "full":
+        numeric_all = np.full(problem.size, np.nan)
+        h = base_steps(problem.theta0, problem, tol)
+        grad_scale = float(np.max(np.abs(g))) if g.size else 0.0
+        for block in problem.blocks:
+            if issue is not None:
+                blocks.append(_unchecked(block, "not checked: the evaluation budget ran out"))
+                continue
+            try:
+                result, numeric = _FullBlock(
+                    ev, block, g, h, f0, tol, grad_scale, options.max_refine
+                ).run()
+            except BudgetExhausted:
+                issue = (
+                    f"the evaluation budget ran out (max_evals={options.max_evals:,}) "
+                    f"before `{block.name}` was checked"
+                )
+                blocks.append(_unchecked(block, "not checked: the evaluation budget ran out"))
+                continue
+            numeric_all[block.slice] = numeric
+            blocks.append(result)
+    else:
+        from ._fast import run_fast
+
+        try:
+            blocks, fast_warnings = run_fast(problem, ev, g, f0, tol, options)
+            warnings.extend(fast_warnings)
+        except BudgetExhausted:
+            issue = f"the evaluation budget ran out (max_evals={options.max_evals:,})"
+            blocks = [_unchecked(b, "not checked: the evaluation budget ran out") for b in problem.blocks]
+    return Report(
+        blocks=tuple(blocks),
+        mode=mode,
+        mode_reason=reason,
+        precision=problem.precision,
+        rtol=tol.rtol,
+        atol=tol.atol,
+        safety=tol.safety,
+        seed=options.seed,
+        evaluations=ev.count,
+        elapsed=time.perf_counter() - start,
+        framework=problem.framework,
+        batching=problem.batching,
+        warnings=tuple(warnings),
+        skipped=tuple(problem.skipped),
+        problem=issue,
+        numeric=numeric_all,
+    )
+
+
+def check_flat(
+    loss: Callable[[np.ndarray], float],
+    gradient: Callable[[np.ndarray], np.ndarray],
+    theta0: np.ndarray | Sequence[float],
+    *,
+    blocks: Sequence[Block] | None = None,
+    loss_batch: Callable[[np.ndarray], np.ndarray] | None = None,
+    mode: Mode = "auto",
+    seed: int = 0,
+    rtol: float | None = None,
+    atol: float | None = None,
+    max_evals: int | None = None,
+) -> Report:
+    """Check ``gradient`` against numerical derivatives of ``loss`` at ``theta0``.
+
+    The core on plain functions: ``loss(theta) -> float`` and
+    ``gradient(theta) -> array`` of ``theta``'s shape. ``theta0`` may have any
+    shape; it is checked as one block called ``theta`` unless ``blocks`` name
+    slices of its flattened form.
+
+    Example:
+        >>> import numpy as np
+        >>> from gradcheck import check_flat
+        >>> report = check_flat(lambda t: float(np.sum(t**3)), lambda t: 3 * t**2, np.arange(4.0))
+        >>> report.passed
+        True
+        >>> check_flat(lambda t: float(np.sum(t**3)), lambda t: 2 * t**2, np.arange(4.0)).passed
+        False
+    """
+    start = np.asarray(theta0)
+    if start.dtype == object or not (
+        np.issubdtype(start.dtype, np.floating) or np.issubdtype(start.dtype, np.integer)
+    ):
+        raise ShapeMismatchError(f"theta0 must be a real array; got dtype {start.dtype}")
+    shape = start.shape
+    flat0 = start.astype(np.float64).reshape(-1)
+
+    def flat_loss(theta: np.ndarray) -> float:
+        value = loss(theta.reshape(shape))
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ModelError(f"loss must return a scalar; got {type(value).__name__}") from None
+
+    def flat_gradient(theta: np.ndarray) -> np.ndarray:
+        grad = np.asarray(gradient(theta.reshape(shape)), dtype=np.float64)
+        if grad.shape != shape:
+            raise ShapeMismatchError(f"gradient returned shape {grad.shape}; expected {shape}")
+        return grad.reshape(-1)
+
+    batch = None
+    if loss_batch is not None:
+        user_batch = loss_batch
+
+        def batch(thetas: np.ndarray) -> np.ndarray:
+            return np.asarray(user_batch(thetas.reshape((-1, *shape))), dtype=np.float64)
+
+    layout = tuple(blocks) if blocks is not None else (Block("theta", tuple(shape), 0),)
+    problem = FlatProblem(
+        theta0=flat0,
+        loss=flat_loss,
+        gradient=flat_gradient,
+        blocks=layout,
+        loss_batch=batch,
+        batching="batched" if batch is not None else "loop",
+    )
+    opts = CheckOptions(mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals)
+    return run_check(problem, opts)

@@ -1,0 +1,134 @@
+"""Named losses, shared by every adapter (each implements the same names in its framework).
+
+The NumPy versions below are the definitions; the torch and jax adapters must
+compute the same values. All reduce with a mean over the batch (first axis).
+
+========================  ==============================  =====================================
+name                      ``out``                         ``y``
+========================  ==============================  =====================================
+``"mse"``                 any shape                       same shape; mean((out - y)**2)
+``"cross_entropy"``       logits ``(N, C)``               int labels ``(N,)`` or probs ``(N, C)``
+``"categorical_crossentropy"``  probabilities ``(N, C)``  int labels ``(N,)`` or probs ``(N, C)``
+``"bce"``                 probabilities in (0, 1)         same shape, targets in [0, 1]
+``"bce_with_logits"``     logits                          same shape, targets in [0, 1]
+========================  ==============================  =====================================
+
+``"binary_crossentropy"`` is an alias of ``"bce"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ._errors import InvalidOptionError, ShapeMismatchError
+
+LossFn = Callable[[np.ndarray, np.ndarray], float]
+LossGrad = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+ALIASES = {"binary_crossentropy": "bce", "categorical_cross_entropy": "categorical_crossentropy"}
+LOSS_NAMES = ("mse", "cross_entropy", "categorical_crossentropy", "bce", "bce_with_logits")
+
+
+def canonical_loss_name(name: str) -> str:
+    """The canonical spelling of a loss name, or an error listing the known names."""
+    key = ALIASES.get(name, name)
+    if key not in LOSS_NAMES:
+        known = ", ".join(repr(n) for n in (*LOSS_NAMES, *ALIASES))
+        raise InvalidOptionError(f"loss must be a callable or one of {known}; got {name!r}")
+    return key
+
+
+def _batch(out: np.ndarray) -> int:
+    return int(out.shape[0]) if out.ndim else 1
+
+
+def _targets_as_probs(name: str, out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Class targets as a probability array shaped like ``out`` (N, C)."""
+    if out.ndim != 2:
+        raise ShapeMismatchError(f"loss {name!r} needs out of shape (N, C); got {out.shape}")
+    if y.shape == out.shape:
+        return y.astype(np.float64)
+    if y.shape == out.shape[:1] and np.issubdtype(y.dtype, np.integer):
+        if y.size and (y.min() < 0 or y.max() >= out.shape[1]):
+            raise ShapeMismatchError(
+                f"loss {name!r}: labels must lie in [0, {out.shape[1]}); "
+                f"got values from {y.min()} to {y.max()}"
+            )
+        probs = np.zeros(out.shape, dtype=np.float64)
+        probs[np.arange(out.shape[0]), y] = 1.0
+        return probs
+    raise ShapeMismatchError(
+        f"loss {name!r} with out of shape {out.shape} needs y of shape {out.shape} "
+        f"or integer labels of shape {out.shape[:1]}; got y of shape {y.shape}, dtype {y.dtype}"
+    )
+
+
+def _same_shape(name: str, out: np.ndarray, y: np.ndarray) -> None:
+    if out.shape != y.shape:
+        raise ShapeMismatchError(
+            f"loss {name!r} needs y of the output's shape {out.shape}; got {y.shape}"
+        )
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def numpy_loss(name: str) -> tuple[LossFn, LossGrad]:
+    """The ``(loss, loss_grad)`` pair for a loss name, on NumPy arrays."""
+    key = canonical_loss_name(name)
+
+    if key == "mse":
+
+        def loss(out: np.ndarray, y: np.ndarray) -> float:
+            _same_shape(key, out, y)
+            return float(np.mean((out - y) ** 2))
+
+        def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+            return 2.0 * (out - y) / max(out.size, 1)
+
+    elif key == "cross_entropy":
+
+        def loss(out: np.ndarray, y: np.ndarray) -> float:
+            t = _targets_as_probs(key, out, y)
+            return float(-np.sum(t * _log_softmax(out)) / _batch(out))
+
+        def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+            t = _targets_as_probs(key, out, y)
+            p = np.exp(_log_softmax(out))
+            return (p * t.sum(axis=1, keepdims=True) - t) / _batch(out)
+
+    elif key == "categorical_crossentropy":
+
+        def loss(out: np.ndarray, y: np.ndarray) -> float:
+            t = _targets_as_probs(key, out, y)
+            return float(-np.sum(t * np.log(out)) / _batch(out))
+
+        def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+            t = _targets_as_probs(key, out, y)
+            return -t / out / _batch(out)
+
+    elif key == "bce":
+
+        def loss(out: np.ndarray, y: np.ndarray) -> float:
+            _same_shape(key, out, y)
+            return float(-np.mean(y * np.log(out) + (1.0 - y) * np.log1p(-out)))
+
+        def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+            return (out - y) / (out * (1.0 - out)) / max(out.size, 1)
+
+    else:  # bce_with_logits
+
+        def loss(out: np.ndarray, y: np.ndarray) -> float:
+            _same_shape(key, out, y)
+            # log(1 + exp(-|z|)) + max(z, 0) - y z, stable for any z
+            return float(np.mean(np.logaddexp(0.0, out) - y * out))
+
+        def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+            sig = 0.5 * (1.0 + np.tanh(0.5 * out))
+            return (sig - y) / max(out.size, 1)
+
+    return loss, grad

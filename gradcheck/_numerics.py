@@ -1,0 +1,262 @@
+"""Numerical derivatives with error estimates: steps, central differences, Richardson, kinks.
+
+Framework-free. Everything here works on arrays of loss values that the
+:class:`Evaluator` obtains from a :class:`~gradcheck._problem.FlatProblem`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._options import Tolerance
+from ._problem import FlatProblem
+
+#: Largest (k, P) float64 array of perturbed points built for one batched call.
+BATCH_BYTES = 32 * 2**20
+
+#: Step factors of the refinement, relative to the first-pass step (ratio 2 between neighbours).
+REFINE_FACTORS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
+_FIRST = REFINE_FACTORS.index(1.0)
+
+_ROUND = {"float64": np.float64, "float32": np.float32}
+
+
+class BudgetExhausted(Exception):
+    """Raised inside the checker when ``max_evals`` would be exceeded."""
+
+
+class Evaluator:
+    """Evaluates the loss at perturbed points, batched where the problem allows, and counts."""
+
+    def __init__(self, problem: FlatProblem, max_evals: int | None) -> None:
+        self.problem = problem
+        self.max_evals = max_evals
+        self.count = 0
+        self.theta0 = problem.theta0
+        self._work = problem.theta0.copy()
+        size = max(problem.size, 1)
+        self.chunk = max(1, min(problem.max_batch, BATCH_BYTES // (8 * size)))
+        self._round = _ROUND.get(problem.precision, np.float64)
+
+    def charge(self, n: int) -> None:
+        if self.max_evals is not None and self.count + n > self.max_evals:
+            raise BudgetExhausted
+        self.count += n
+
+    def representable(self, values: np.ndarray) -> np.ndarray:
+        """``values`` rounded to the precision the model runs in (so steps are exact)."""
+        return np.asarray(values, dtype=self._round).astype(np.float64)
+
+    def point(self, theta: np.ndarray) -> float:
+        """The loss at one point, through the same path (batched or not) as the perturbations."""
+        self.charge(1)
+        batch = self.problem.loss_batch
+        if batch is not None:
+            return float(np.asarray(batch(theta[None, :]), dtype=np.float64).reshape(-1)[0])
+        return float(self.problem.loss(theta))
+
+    def coordinates(self, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """The loss at ``theta0`` with entry ``idx[j]`` set to ``values[j]``, for every ``j``."""
+        n = len(idx)
+        self.charge(n)
+        out = np.empty(n, dtype=np.float64)
+        batch = self.problem.loss_batch
+        if batch is not None:
+            for start in range(0, n, self.chunk):
+                stop = min(start + self.chunk, n)
+                rows = np.repeat(self.theta0[None, :], stop - start, axis=0)
+                rows[np.arange(stop - start), idx[start:stop]] = values[start:stop]
+                out[start:stop] = np.asarray(batch(rows), dtype=np.float64).reshape(-1)
+            return out
+        work = self._work
+        loss = self.problem.loss
+        for j in range(n):
+            i = idx[j]
+            work[i] = values[j]
+            try:
+                out[j] = loss(work)
+            finally:
+                work[i] = self.theta0[i]
+        return out
+
+    def along(self, direction: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """The loss at ``theta0 + s * direction`` for every ``s`` in ``steps``."""
+        n = len(steps)
+        self.charge(n)
+        out = np.empty(n, dtype=np.float64)
+        batch = self.problem.loss_batch
+        points = [self.representable(self.theta0 + s * direction) for s in steps]
+        if batch is not None:
+            for start in range(0, n, self.chunk):
+                rows = np.stack(points[start : start + self.chunk])
+                out[start : start + len(rows)] = np.asarray(batch(rows), dtype=np.float64).reshape(-1)
+            return out
+        for j, p in enumerate(points):
+            out[j] = self.problem.loss(p)
+        return out
+
+
+def base_steps(theta: np.ndarray, problem: FlatProblem, tol: Tolerance) -> np.ndarray:
+    """The first-pass step of every entry: ``tol.step`` times the entry's magnitude.
+
+    Entries near zero use the RMS magnitude of their block instead (or of all of
+    ``theta``, or 1), so a zero bias is not probed with a vanishing step.
+    """
+    mag = np.abs(theta)
+    overall = float(np.sqrt(np.mean(theta**2))) if theta.size else 0.0
+    floor = np.empty_like(theta)
+    for block in problem.blocks:
+        part = theta[block.slice]
+        rms = float(np.sqrt(np.mean(part**2))) if part.size else 0.0
+        floor[block.slice] = rms if rms > 0 else (overall if overall > 0 else 1.0)
+    return tol.step * np.maximum(mag, floor)
+
+
+@dataclass
+class Differences:
+    """Loss values at ``theta0 ± steps`` for a set of entries, and what follows from them."""
+
+    f0: float
+    fp: np.ndarray  # f(theta + hp)
+    fm: np.ndarray  # f(theta - hm)
+    hp: np.ndarray  # actual forward step (> 0)
+    hm: np.ndarray  # actual backward step (> 0)
+
+    @property
+    def central(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return (self.fp - self.fm) / (self.hp + self.hm)
+
+    @property
+    def right(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return (self.fp - self.f0) / self.hp
+
+    @property
+    def left(self) -> np.ndarray:
+        with np.errstate(invalid="ignore", over="ignore"):
+            return (self.f0 - self.fm) / self.hm
+
+    def roundoff(self, tol: Tolerance) -> np.ndarray:
+        """Estimated round-off error of the central difference."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            level = np.maximum(np.maximum(np.abs(self.fp), np.abs(self.fm)), abs(self.f0))
+            return tol.noise * tol.eps * level * 2.0 / (self.hp + self.hm)
+
+
+def coordinate_differences(
+    ev: Evaluator, idx: np.ndarray, h: np.ndarray, f0: float
+) -> Differences:
+    """Central-difference data for the entries ``idx`` with nominal steps ``h``."""
+    theta = ev.theta0[idx]
+    xp = ev.representable(theta + h)
+    xm = ev.representable(theta - h)
+    hp = xp - theta
+    hm = theta - xm
+    # a step lost to rounding (h below the spacing of theta): take the next representable values
+    tiny = (hp <= 0) | (hm <= 0)
+    if np.any(tiny):
+        dtype = ev._round
+        xp[tiny] = np.nextafter(theta[tiny].astype(dtype), dtype(np.inf)).astype(np.float64)
+        xm[tiny] = np.nextafter(theta[tiny].astype(dtype), dtype(-np.inf)).astype(np.float64)
+        hp, hm = xp - theta, theta - xm
+    fp = ev.coordinates(idx, xp)
+    fm = ev.coordinates(idx, xm)
+    return Differences(f0=f0, fp=fp, fm=fm, hp=hp, hm=hm)
+
+
+@dataclass
+class Refined:
+    """Refined estimates for a set of entries."""
+
+    numeric: np.ndarray
+    error: np.ndarray
+    kink: np.ndarray  # bool: one-sided derivatives disagree beyond what curvature explains
+    lo: np.ndarray  # smallest one-sided derivative seen
+    hi: np.ndarray  # largest one-sided derivative seen
+    left: np.ndarray  # one-sided derivatives at the smallest step
+    right: np.ndarray
+    one_sided_noise: np.ndarray
+
+
+def refine(
+    at_factor: Callable[[float], Differences], first: Differences, tol: Tolerance
+) -> Refined:
+    """Richardson extrapolation over steps ``h * REFINE_FACTORS`` and a kink test.
+
+    ``at_factor(f)`` evaluates the differences with the first-pass steps scaled by
+    ``f``; the first pass (factor 1) is reused, every other factor costs two
+    evaluations per entry. For each pair of neighbouring steps the extrapolated value removes
+    the h**2 error term; the error of each extrapolated value is estimated from its
+    disagreement with its neighbours plus round-off, and the value with the smallest
+    estimate wins. The kink test compares the gap between right and left
+    derivatives at the largest and smallest step: smooth functions shrink it in
+    proportion to the step, a kink inside the step does not.
+    """
+    diffs: list[Differences] = []
+    for factor in REFINE_FACTORS:
+        if factor == 1.0:
+            diffs.append(first)
+        else:
+            diffs.append(at_factor(factor))
+    d = np.stack([x.central for x in diffs])  # (n_steps, n)
+    r = np.stack([x.roundoff(tol) for x in diffs])
+    with np.errstate(invalid="ignore", over="ignore"):
+        rich = d[1:] + (d[1:] - d[:-1]) / 3.0  # (n_steps - 1, n)
+        rich_noise = (4.0 * r[1:] + r[:-1]) / 3.0
+        gaps = np.abs(np.diff(rich, axis=0))
+        below = np.full_like(rich, -np.inf)
+        above = np.full_like(rich, -np.inf)
+        below[1:] = gaps
+        above[:-1] = gaps
+        err = np.maximum(below, above) + rich_noise
+    err = np.where(np.isfinite(err) & np.isfinite(rich), err, np.inf)
+    best = np.argmin(err, axis=0)
+    cols = np.arange(d.shape[1])
+    numeric = rich[best, cols]
+    error = err[best, cols]
+    # entries with no finite extrapolation: fall back to the best finite plain difference
+    lost = ~np.isfinite(error)
+    if np.any(lost):
+        plain_err = np.where(np.isfinite(d), r, np.inf)
+        k = np.argmin(plain_err, axis=0)
+        numeric = np.where(lost, d[k, cols], numeric)
+        error = np.where(lost, np.where(np.isfinite(d[k, cols]), np.abs(d[k, cols]), np.inf), error)
+
+    rights = np.stack([x.right for x in diffs])
+    lefts = np.stack([x.left for x in diffs])
+    with np.errstate(invalid="ignore"):
+        one_sided = np.concatenate([rights, lefts])
+        finite = np.isfinite(one_sided)
+        lo = np.where(finite, one_sided, np.inf).min(axis=0)
+        hi = np.where(finite, one_sided, -np.inf).max(axis=0)
+        small, large = diffs[-1], diffs[0]
+        gap_small = np.abs(small.right - small.left)
+        gap_large = np.abs(large.right - large.left)
+        one_sided_noise = 2.0 * small.roundoff(tol) * 2.0
+        kink = (gap_small > 0.25 * gap_large) & (gap_small > tol.safety * one_sided_noise)
+    kink = np.where(np.isfinite(gap_small) & np.isfinite(gap_large), kink, False)
+    return Refined(
+        numeric=numeric,
+        error=error,
+        kink=kink,
+        lo=lo,
+        hi=hi,
+        left=small.left,
+        right=small.right,
+        one_sided_noise=one_sided_noise,
+    )
+
+
+def subset(d: Differences, sel: np.ndarray) -> Differences:
+    return Differences(f0=d.f0, fp=d.fp[sel], fm=d.fm[sel], hp=d.hp[sel], hm=d.hm[sel])
+
+
+def line_differences(ev: Evaluator, direction: np.ndarray, s: float, f0: float) -> Differences:
+    """Central-difference data along ``theta0 + t * direction`` with step ``s``."""
+    fp, fm = ev.along(direction, np.array([s, -s]))
+    one = np.ones(1)
+    return Differences(f0=f0, fp=np.array([fp]), fm=np.array([fm]), hp=s * one, hm=s * one)

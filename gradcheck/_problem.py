@@ -1,0 +1,141 @@
+"""The contract between adapters and the core: a loss of one flat float64 vector.
+
+An adapter turns a model (NumPy, PyTorch, JAX) into a :class:`FlatProblem`: the
+starting point ``theta0``, a ``loss`` and its analytical ``gradient`` as functions
+of a flat vector, and :class:`Block` records that name slices of that vector
+(one per parameter tensor or input). The core does all the numerics on this
+record and never imports a framework; adapters only evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from ._errors import GradcheckInputError, NothingToCheckError, ShapeMismatchError
+
+BlockKind = Literal["param", "input"]
+Precision = Literal["float64", "float32", "float16", "bfloat16"]
+
+__all__ = ["Block", "FlatProblem", "output_projection"]
+
+
+@dataclass(frozen=True)
+class Block:
+    """A named slice ``theta[offset : offset + size]`` holding one tensor of shape ``shape``."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    kind: BlockKind = "param"
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.size)
+
+    def index(self, flat: int) -> tuple[int, ...]:
+        """The multi-index into ``shape`` of the block's ``flat``-th entry."""
+        if not self.shape:
+            return ()
+        return tuple(int(i) for i in np.unravel_index(flat, self.shape))
+
+
+@dataclass
+class FlatProblem:
+    """A scalar loss of a flat float64 vector, with its analytical gradient.
+
+    Attributes:
+        theta0: the point to check at, float64, 1-D (the core never writes into it).
+        loss: ``loss(theta) -> float``, the model's loss with ``theta`` substituted.
+        gradient: ``gradient(theta) -> ndarray``, the model's own (analytical)
+            gradient, float64, same layout as ``theta``.
+        blocks: the named slices of ``theta``; they must tile it exactly, in order.
+        loss_batch: optional ``loss_batch(thetas) -> ndarray`` evaluating the
+            loss at every row of a ``(k, P)`` array in one call (vmap). The core
+            uses it when present, in chunks of at most ``max_batch`` rows.
+        max_batch: the largest number of rows ``loss_batch`` accepts at once.
+        precision: the floating-point type the model is actually evaluated in;
+            steps and tolerances follow it.
+        framework: "numpy", "torch", "jax" or "function", for the report.
+        notes: lines the report shows as warnings (a fallback taken, ...).
+        skipped: names of frozen parameters that were not checked.
+        batching: how evaluations ran ("vmap", "loop", ...), for the report.
+    """
+
+    theta0: np.ndarray
+    loss: Callable[[np.ndarray], float]
+    gradient: Callable[[np.ndarray], np.ndarray]
+    blocks: Sequence[Block]
+    loss_batch: Callable[[np.ndarray], np.ndarray] | None = None
+    max_batch: int = 256
+    precision: Precision = "float64"
+    framework: str = "function"
+    notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    batching: str = "loop"
+
+    def __post_init__(self) -> None:
+        theta = np.asarray(self.theta0)
+        if theta.ndim != 1:
+            raise ShapeMismatchError(
+                f"theta0 must be 1-D; got an array of shape {theta.shape}"
+            )
+        if not np.issubdtype(theta.dtype, np.floating) and not np.issubdtype(
+            theta.dtype, np.integer
+        ):
+            raise GradcheckInputError(f"theta0 must be real floating point; got dtype {theta.dtype}")
+        self.theta0 = np.array(theta, dtype=np.float64, copy=True)
+        self.theta0.setflags(write=False)
+        self.blocks = tuple(self.blocks)
+        if not self.blocks:
+            raise NothingToCheckError("nothing to check: the problem has no blocks")
+        offset = 0
+        for block in self.blocks:
+            if block.offset != offset:
+                raise ShapeMismatchError(
+                    f"block {block.name!r} starts at {block.offset}; expected {offset} "
+                    "(blocks must tile theta in order)"
+                )
+            offset += block.size
+        if offset != self.theta0.size:
+            raise ShapeMismatchError(
+                f"blocks cover {offset} entries; theta0 has {self.theta0.size}"
+            )
+        if self.max_batch < 1:
+            raise GradcheckInputError(f"max_batch must be >= 1; got {self.max_batch}")
+
+    @property
+    def size(self) -> int:
+        return int(self.theta0.size)
+
+
+def output_projection(shape: tuple[int, ...], seed: int, index: int = 0) -> np.ndarray:
+    """The fixed random array ``r`` used to reduce an output to ``sum(out * r)`` when ``y is None``.
+
+    Standard normal, float64, a function of ``shape``, ``seed`` and ``index`` (the
+    position of the output among several, e.g. an LSTM's ``(out, (h, c))``) only,
+    so every adapter projects the same output onto the same direction.
+    """
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5EED, int(index)])
+    return rng.standard_normal(shape)
+
+
+def block_layout(
+    named_shapes: Sequence[tuple[str, tuple[int, ...], BlockKind]],
+) -> tuple[Block, ...]:
+    """Blocks tiling a flat vector in the given order: ``[(name, shape, kind), ...]``."""
+    blocks = []
+    offset = 0
+    for name, shape, kind in named_shapes:
+        block = Block(name=name, shape=tuple(int(s) for s in shape), offset=offset, kind=kind)
+        blocks.append(block)
+        offset += block.size
+    return tuple(blocks)

@@ -1,0 +1,98 @@
+"""The reference MLP as a ``torch.nn.Module`` (same weights, float64): ``MLP.to_torch()``.
+
+Imported only when a user asks for it, so ``import gradcheck`` never loads torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .reference import MLP
+
+__all__ = ["ReferenceMLP", "mlp_to_torch"]
+
+
+def _sigmoid(z: torch.Tensor) -> torch.Tensor:
+    # the reference's formula, so both agree to rounding
+    return 0.5 * (1.0 + torch.tanh(0.5 * z))
+
+
+class ReferenceMLP(nn.Module):
+    """``layers.{l}`` are ``nn.Linear`` layers (``weight`` = the reference's ``W{l}``,
+    ``bias`` = ``b{l}``); the hidden activation follows every layer but the last, then
+    ``nn.Dropout(p)`` (torch's own RNG: masks differ from the NumPy model's); the output
+    activation follows the last layer."""
+
+    def __init__(
+        self,
+        sizes: list[int],
+        *,
+        activation: str = "tanh",
+        output: str = "linear",
+        dropout: float = 0.0,
+        l1: float = 0.0,
+        l2: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.activation = activation
+        self.output = output
+        self.l1 = l1
+        self.l2 = l2
+        self.layers = nn.ModuleList(
+            nn.Linear(n_in, n_out, dtype=torch.float64)
+            for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
+        )
+        self.dropout = nn.Dropout(dropout)
+
+    def _hidden(self, z: torch.Tensor) -> torch.Tensor:
+        if self.activation == "sigmoid":
+            return _sigmoid(z)
+        if self.activation == "tanh":
+            return torch.tanh(z)
+        if self.activation == "relu":
+            return torch.relu(z)
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            z = layer(a)
+            if index < last:
+                a = self.dropout(self._hidden(z))
+            elif self.output == "sigmoid":
+                a = _sigmoid(z)
+            elif self.output == "softmax":
+                a = torch.softmax(z, dim=1)
+            else:
+                a = z
+        return a
+
+    def regularization(self) -> torch.Tensor:
+        """``l1 * sum|W| + l2/2 * sum W**2`` over the weights, as ``MLP.regularization``."""
+        total = torch.zeros((), dtype=torch.float64, device=self.layers[0].weight.device)
+        for layer in self.layers:
+            w = layer.weight
+            total = total + self.l1 * w.abs().sum() + 0.5 * self.l2 * (w * w).sum()
+        return total
+
+
+def mlp_to_torch(mlp: MLP) -> ReferenceMLP:
+    """A :class:`ReferenceMLP` holding float64 copies of ``mlp``'s weights."""
+    module = ReferenceMLP(
+        list(mlp.sizes),
+        activation=mlp.activation,
+        output=mlp.output,
+        dropout=mlp.dropout,
+        l1=mlp.l1,
+        l2=mlp.l2,
+    )
+    with torch.no_grad():
+        for index, layer in enumerate(module.layers):
+            layer.weight.copy_(torch.from_numpy(mlp.params[f"W{index}"].copy()))
+            layer.bias.copy_(torch.from_numpy(mlp.params[f"b{index}"].copy()))
+    return module

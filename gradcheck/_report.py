@@ -1,0 +1,328 @@
+"""The result of a check: data first, every rendering (text, JSON) made from it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._errors import GradientCheckError
+
+MAX_ROWS = 5
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One checked entry of a block.
+
+    Attributes:
+        index: position in the block, a tuple into its shape (empty for a scalar).
+        analytic: the model's gradient.
+        numeric: the numerical estimate.
+        error: the estimated error of ``numeric``.
+        tolerance: the largest ``|analytic - numeric|`` the entry was allowed.
+        kink: the loss is not differentiable within the step at this entry.
+        one_sided: ``(left, right)`` one-sided derivative estimates, at a kink.
+    """
+
+    index: tuple[int, ...]
+    analytic: float
+    numeric: float
+    error: float
+    tolerance: float
+    kink: bool = False
+    one_sided: tuple[float, float] | None = None
+
+    @property
+    def abs_diff(self) -> float:
+        return abs(self.analytic - self.numeric)
+
+    @property
+    def rel_diff(self) -> float:
+        denom = abs(self.numeric)
+        if denom == 0.0:
+            return math.inf if self.abs_diff > 0 else 0.0
+        return self.abs_diff / denom
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": list(self.index),
+            "analytic": _json_float(self.analytic),
+            "numeric": _json_float(self.numeric),
+            "error": _json_float(self.error),
+            "tolerance": _json_float(self.tolerance),
+            "abs_diff": _json_float(self.abs_diff),
+            "rel_diff": _json_float(self.rel_diff),
+            "kink": self.kink,
+            "one_sided": None if self.one_sided is None else [_json_float(v) for v in self.one_sided],
+        }
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """The verdict on one block (a parameter tensor or an input).
+
+    Attributes:
+        name: the block's name as the user knows it (``layers.1.weight``).
+        shape: the block's shape.
+        kind: ``"param"`` or ``"input"``.
+        checked: entries compared (full mode) or directions probed (fast mode).
+        size: entries in the block.
+        mismatches: how many of the checked entries (or directions) disagree.
+        worst: the worst mismatching entries, largest difference first (at most 5).
+        kinks: entries where the loss is not differentiable within the step and the
+            analytic value is a valid one-sided derivative (not counted as mismatches).
+        kink_examples: a few of those entries.
+        max_abs_diff, max_rel_diff: the largest differences among the mismatches.
+        scale: the largest numerical gradient magnitude in the block.
+        diagnosis: a sentence naming the likely kind of bug, where the data show one.
+        localized: fast mode only: how many wrong entries localisation named.
+        note: anything else worth a line (a budget ran out, entries not evaluable).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    checked: int
+    size: int
+    mismatches: int
+    worst: tuple[Entry, ...] = ()
+    kinks: int = 0
+    kink_examples: tuple[Entry, ...] = ()
+    max_abs_diff: float = 0.0
+    max_rel_diff: float = 0.0
+    scale: float = 0.0
+    diagnosis: str | None = None
+    localized: int | None = None
+    note: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.mismatches == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "kind": self.kind,
+            "passed": self.passed,
+            "checked": self.checked,
+            "size": self.size,
+            "mismatches": self.mismatches,
+            "max_abs_diff": _json_float(self.max_abs_diff),
+            "max_rel_diff": _json_float(self.max_rel_diff),
+            "scale": _json_float(self.scale),
+            "diagnosis": self.diagnosis,
+            "kinks": self.kinks,
+            "worst": [e.to_dict() for e in self.worst],
+            "kink_examples": [e.to_dict() for e in self.kink_examples],
+            "localized": self.localized,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a check found. ``str(report)`` is the readable message.
+
+    Attributes:
+        blocks: one result per checked block, in the model's order.
+        mode: the mode that ran (``"full"`` or ``"fast"``).
+        mode_reason: why (``"auto: 1,234 entries <= 5,000"``).
+        precision: the floating-point type the model was evaluated in.
+        rtol, atol, safety: the tolerances in force.
+        seed: the seed of every random choice (directions, projections, dropout resets).
+        evaluations: loss evaluations used (the analytic gradient counts one).
+        elapsed: wall time of the check in seconds.
+        framework: which adapter evaluated the model.
+        batching: how evaluations ran (``"vmap"``, ``"loop"``).
+        warnings: things the user should know (fallbacks taken, kinks, ...).
+        skipped: frozen parameters that were not checked.
+        problem: set when no gradient verdict was possible (a non-deterministic
+            forward, the evaluation budget ran out): the check then fails.
+        numeric: the numerical gradient (full mode), flat, in the blocks' layout.
+    """
+
+    blocks: tuple[BlockResult, ...]
+    mode: str
+    mode_reason: str
+    precision: str
+    rtol: float
+    atol: float
+    safety: float
+    seed: int
+    evaluations: int
+    elapsed: float
+    framework: str = "function"
+    batching: str = "loop"
+    warnings: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+    problem: str | None = None
+    numeric: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def passed(self) -> bool:
+        return self.problem is None and all(b.passed for b in self.blocks)
+
+    @property
+    def failed_blocks(self) -> tuple[BlockResult, ...]:
+        return tuple(b for b in self.blocks if not b.passed)
+
+    @property
+    def entries_checked(self) -> int:
+        return sum(b.checked for b in self.blocks)
+
+    def block(self, name: str) -> BlockResult:
+        """The result for the block called ``name``."""
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        names = ", ".join(repr(b.name) for b in self.blocks)
+        raise KeyError(f"no block named {name!r}; the blocks are {names}")
+
+    def raise_if_failed(self) -> Report:
+        """Raise :class:`GradientCheckError` (an ``AssertionError``) unless the check passed."""
+        if not self.passed:
+            raise GradientCheckError(self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dictionary of the whole report (without the numeric gradient)."""
+        return {
+            "passed": self.passed,
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
+            "precision": self.precision,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "safety": self.safety,
+            "seed": self.seed,
+            "evaluations": self.evaluations,
+            "elapsed": self.elapsed,
+            "framework": self.framework,
+            "batching": self.batching,
+            "entries_checked": self.entries_checked,
+            "warnings": list(self.warnings),
+            "skipped": list(self.skipped),
+            "problem": self.problem,
+            "blocks": [b.to_dict() for b in self.blocks],
+        }
+
+    def __str__(self) -> str:
+        return render(self)
+
+
+def _json_float(x: float) -> float | str:
+    x = float(x)
+    if math.isfinite(x):
+        return x
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _index(index: tuple[int, ...]) -> str:
+    return _shape(index)
+
+
+def _num(x: float) -> str:
+    return f"{x: .4e}"
+
+
+def _small(x: float) -> str:
+    return f"{x:.1e}"
+
+
+def _pct(k: int, n: int) -> str:
+    return f"{100.0 * k / n:.1f}%" if n else "-"
+
+
+def _blocks(n: int, all_: str = "") -> str:
+    return "the only block" if n == 1 and all_ else f"{all_}{n} block{'s' if n != 1 else ''}"
+
+
+def _header(report: Report) -> list[str]:
+    what = "directions" if report.mode == "fast" else "entries"
+    summary = (
+        f"checked {report.entries_checked:,} {what}, "
+        f"{report.mode} mode, {report.precision}, {report.evaluations:,} evaluations, "
+        f"{report.elapsed:.2f}s"
+    )
+    if report.problem is not None:
+        first = f"gradient check inconclusive: {report.problem} ({summary})"
+    elif report.passed:
+        first = f"gradients agree in {_blocks(len(report.blocks), 'all ')} ({summary})"
+    else:
+        n_bad = len(report.failed_blocks)
+        first = f"gradients disagree in {n_bad} of {_blocks(len(report.blocks))} ({summary})"
+    test = (
+        f"test: |analytic - numeric| <= atol*scale + rtol*|numeric| + "
+        f"{report.safety:g}*estimated error; rtol={report.rtol:g} atol={report.atol:g} "
+        f"seed={report.seed} ({report.mode_reason}; {report.framework}, {report.batching})"
+    )
+    return [first, test]
+
+
+def _entry_table(entries: tuple[Entry, ...]) -> list[str]:
+    width = max([len(_index(e.index)) for e in entries] + [5])
+    lines = [
+        f"  {'index':<{width}}  {'analytic':>11}  {'numeric':>11} (± est. error)  {'abs diff':>8}"
+    ]
+    for e in entries:
+        tag = "  kink: one-sided " + f"{e.one_sided[0]:.3e} / {e.one_sided[1]:.3e}" if (
+            e.kink and e.one_sided is not None
+        ) else ""
+        lines.append(
+            f"  {_index(e.index):<{width}}  {_num(e.analytic):>11}  {_num(e.numeric):>11}"
+            f" ± {_small(e.error):<8}  {_small(e.abs_diff):>8}{tag}"
+        )
+    return lines
+
+
+def _block_lines(b: BlockResult, fast: bool) -> list[str]:
+    lines = [f"`{b.name}`  shape {_shape(b.shape)}" + ("  (input)" if b.kind == "input" else "")]
+    unit = "directions" if fast else "entries"
+    lines.append(
+        f"  mismatched: {b.mismatches:,} / {b.checked:,} {unit} ({_pct(b.mismatches, b.checked)})"
+        f"   max abs diff {_small(b.max_abs_diff)}   max rel diff {_small(b.max_rel_diff)}"
+    )
+    if b.worst:
+        lines.extend(_entry_table(b.worst))
+    if b.diagnosis:
+        lines.append(f"  diagnosis: {b.diagnosis}")
+    if b.localized is not None:
+        lines.append(f"  localisation named {b.localized} wrong entr{'y' if b.localized == 1 else 'ies'}")
+    if b.note:
+        lines.append(f"  note: {b.note}")
+    return lines
+
+
+def render(report: Report) -> str:
+    """The readable report: culprits first, at most five rows per block."""
+    lines = _header(report)
+    fast = report.mode == "fast"
+    for b in report.failed_blocks:
+        lines.append("")
+        lines.extend(_block_lines(b, fast))
+    passed = [b for b in report.blocks if b.passed]
+    if passed:
+        lines.append("")
+        lines.append(
+            "passed: " + ", ".join(f"`{b.name}` {_shape(b.shape)}" for b in passed)
+        )
+    kinked = [b for b in report.blocks if b.kinks]
+    if kinked:
+        lines.append(
+            "non-differentiable points accepted (analytic value is a one-sided derivative): "
+            + ", ".join(f"`{b.name}` {b.kinks}" for b in kinked)
+        )
+    notes = [f"`{b.name}`: {b.note}" for b in report.blocks if b.passed and b.note]
+    if report.skipped:
+        lines.append("skipped (frozen): " + ", ".join(f"`{s}`" for s in report.skipped))
+    for w in (*report.warnings, *notes):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
