@@ -1,4 +1,4 @@
-"""``check_gradients`` and ``assert_gradients``: pick an adapter, build the problem, run the core."""
+"""``check_gradients`` / ``assert_gradients``: pick an adapter, build the problem, run the core."""
 
 from __future__ import annotations
 

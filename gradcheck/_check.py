@@ -93,20 +93,36 @@ class _FullBlock:
         suspicious = np.flatnonzero(~ok)
         unevaluable = 0
         if suspicious.size:
-            ratio = np.where(np.isfinite(diff[suspicious]), diff[suspicious] / np.maximum(allowed[suspicious], 1e-300), np.inf)
+            ratio = np.where(
+                np.isfinite(diff[suspicious]),
+                diff[suspicious] / np.maximum(allowed[suspicious], 1e-300),
+                np.inf,
+            )
             order = suspicious[np.argsort(ratio, kind="stable")]
             chosen, rest = order[: self.max_refine], order[self.max_refine :]
             if chosen.size:
-                ok[chosen] = self._refine(chosen, first, floor, numeric, error, allowed, kink, lo, hi)
+                ok[chosen] = self._refine(
+                    chosen, first, floor, numeric, error, allowed, kink, lo, hi
+                )
             if rest.size:
                 ok[rest] = self._decide_unrefined(rest, first, floor, allowed, kink, lo, hi)
             not_finite = ~np.isfinite(numeric)
             unevaluable = int(np.sum(not_finite))
             ok[not_finite] = True  # reported in a note, not as a mismatch
         bad = ~ok
-        result = self._result(numeric, error, allowed, bad, kink, lo, hi, scale, unevaluable,
-                              refined=min(suspicious.size, self.max_refine),
-                              unrefined=max(suspicious.size - self.max_refine, 0))
+        result = self._result(
+            numeric,
+            error,
+            allowed,
+            bad,
+            kink,
+            lo,
+            hi,
+            scale,
+            unevaluable,
+            refined=min(suspicious.size, self.max_refine),
+            unrefined=max(suspicious.size - self.max_refine, 0),
+        )
         return result, numeric
 
     def _refine(
@@ -154,7 +170,7 @@ class _FullBlock:
         lo: np.ndarray,
         hi: np.ndarray,
     ) -> np.ndarray:
-        """Beyond the refinement budget: a generous test on first-pass data (sure mismatches only)."""
+        """Beyond the refinement budget: a generous test on first-pass data (sure mismatches)."""
         tol, a = self.tol, self.a[rest]
         with np.errstate(invalid="ignore"):
             left, right = first.left[rest], first.right[rest]
@@ -205,14 +221,18 @@ class _FullBlock:
         kink_ok = np.flatnonzero(kink & ~bad)
         notes = []
         if unevaluable:
-            notes.append(f"{unevaluable} entries not checked: the loss is not finite within the step")
+            notes.append(
+                f"{unevaluable} entries not checked: the loss is not finite within the step"
+            )
         if unrefined:
             notes.append(
-                f"{unrefined} suspicious entries judged on the first pass only (max_refine={self.max_refine})"
+                f"{unrefined} suspicious entries judged on the first pass only "
+                f"(max_refine={self.max_refine})"
             )
         if bad_idx.size and np.any(kink[bad_idx]):
             notes.append(
-                f"{int(np.sum(kink[bad_idx]))} mismatches lie at non-differentiable points where the "
+                f"{int(np.sum(kink[bad_idx]))} mismatches lie at non-differentiable points "
+                "where the "
                 "analytic value is not a one-sided derivative"
             )
         return BlockResult(
@@ -235,8 +255,13 @@ class _FullBlock:
 
 def _unchecked(block: Block, why: str) -> BlockResult:
     return BlockResult(
-        name=block.name, shape=block.shape, kind=block.kind, checked=0, size=block.size,
-        mismatches=0, note=why,
+        name=block.name,
+        shape=block.shape,
+        kind=block.kind,
+        checked=0,
+        size=block.size,
+        mismatches=0,
+        note=why,
     )
 
 
@@ -264,7 +289,7 @@ def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
         blocks = [_unchecked(b, "not checked: non-deterministic loss") for b in problem.blocks]
     elif mode == "full":
         numeric_all = np.full(problem.size, np.nan)
-        h = base_steps(problem.theta0, problem, tol)
+        h = base_steps(problem.theta0, tol)
         grad_scale = float(np.max(np.abs(g))) if g.size else 0.0
         for block in problem.blocks:
             if issue is not None:
@@ -291,7 +316,9 @@ def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
             warnings.extend(fast_warnings)
         except BudgetExhausted:
             issue = f"the evaluation budget ran out (max_evals={options.max_evals:,})"
-            blocks = [_unchecked(b, "not checked: the evaluation budget ran out") for b in problem.blocks]
+            blocks = [
+                _unchecked(b, "not checked: the evaluation budget ran out") for b in problem.blocks
+            ]
     return Report(
         blocks=tuple(blocks),
         mode=mode,

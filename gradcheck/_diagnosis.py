@@ -30,10 +30,19 @@ def diagnose(
     scale = float(np.max(np.abs(numeric))) if n else 0.0
     if np.all(a == 0.0):
         if k == n or np.all(analytic == 0.0):
-            return "the analytic gradient of this block is zero everywhere (a gradient never computed or returned?)"
-        return f"the analytic gradient is zero at {k} entries where the numeric one is not (a dropped term?)"
-    if scale > 0 and np.all(np.abs(num) <= 1e-6 * scale) or np.all(num == 0.0):
-        return "the analytic gradient is nonzero where the loss does not change (a gradient written to the wrong place?)"
+            return (
+                "the analytic gradient of this block is zero everywhere "
+                "(a gradient never computed or returned?)"
+            )
+        return (
+            f"the analytic gradient is zero at {k} entries where the numeric one is not "
+            "(a dropped term?)"
+        )
+    if (scale > 0 and np.all(np.abs(num) <= 1e-6 * scale)) or np.all(num == 0.0):
+        return (
+            "the analytic gradient is nonzero where the loss does not change "
+            "(a gradient written to the wrong place?)"
+        )
     if len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1:
         a2 = analytic.reshape(shape)
         n2 = numeric.reshape(shape)

@@ -88,6 +88,7 @@ def numpy_loss(name: str) -> tuple[LossFn, LossGrad]:
             return float(np.mean((out - y) ** 2))
 
         def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+            _same_shape(key, out, y)
             return 2.0 * (out - y) / max(out.size, 1)
 
     elif key == "cross_entropy":
@@ -118,6 +119,7 @@ def numpy_loss(name: str) -> tuple[LossFn, LossGrad]:
             return float(-np.mean(y * np.log(out) + (1.0 - y) * np.log1p(-out)))
 
         def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+            _same_shape(key, out, y)
             return (out - y) / (out * (1.0 - out)) / max(out.size, 1)
 
     else:  # bce_with_logits
@@ -128,6 +130,7 @@ def numpy_loss(name: str) -> tuple[LossFn, LossGrad]:
             return float(np.mean(np.logaddexp(0.0, out) - y * out))
 
         def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+            _same_shape(key, out, y)
             sig = 0.5 * (1.0 + np.tanh(0.5 * out))
             return (sig - y) / max(out.size, 1)
 

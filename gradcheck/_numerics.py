@@ -92,27 +92,25 @@ class Evaluator:
         if batch is not None:
             for start in range(0, n, self.chunk):
                 rows = np.stack(points[start : start + self.chunk])
-                out[start : start + len(rows)] = np.asarray(batch(rows), dtype=np.float64).reshape(-1)
+                out[start : start + len(rows)] = np.asarray(batch(rows), dtype=np.float64).reshape(
+                    -1
+                )
             return out
         for j, p in enumerate(points):
             out[j] = self.problem.loss(p)
         return out
 
 
-def base_steps(theta: np.ndarray, problem: FlatProblem, tol: Tolerance) -> np.ndarray:
-    """The first-pass step of every entry: ``tol.step`` times the entry's magnitude.
+def base_steps(theta: np.ndarray, tol: Tolerance) -> np.ndarray:
+    """The first-pass step of every entry: ``tol.step * max(|theta_i|, 1)``.
 
-    Entries near zero use the RMS magnitude of their block instead (or of all of
-    ``theta``, or 1), so a zero bias is not probed with a vanishing step.
+    Relative to the entry's magnitude for large entries (a weight of 1e3 is
+    probed with a step of 1e3 * step), absolute for entries below 1: the
+    curvature of a loss in a small parameter (a bias of 0.01, a weight of 1e-4)
+    is set by the rest of the model, not by the parameter's own size, and a
+    step that shrank with it would drown in round-off.
     """
-    mag = np.abs(theta)
-    overall = float(np.sqrt(np.mean(theta**2))) if theta.size else 0.0
-    floor = np.empty_like(theta)
-    for block in problem.blocks:
-        part = theta[block.slice]
-        rms = float(np.sqrt(np.mean(part**2))) if part.size else 0.0
-        floor[block.slice] = rms if rms > 0 else (overall if overall > 0 else 1.0)
-    return tol.step * np.maximum(mag, floor)
+    return tol.step * np.maximum(np.abs(theta), 1.0)
 
 
 @dataclass
@@ -147,9 +145,7 @@ class Differences:
             return tol.noise * tol.eps * level * 2.0 / (self.hp + self.hm)
 
 
-def coordinate_differences(
-    ev: Evaluator, idx: np.ndarray, h: np.ndarray, f0: float
-) -> Differences:
+def coordinate_differences(ev: Evaluator, idx: np.ndarray, h: np.ndarray, f0: float) -> Differences:
     """Central-difference data for the entries ``idx`` with nominal steps ``h``."""
     theta = ev.theta0[idx]
     xp = ev.representable(theta + h)

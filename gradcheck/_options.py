@@ -29,7 +29,7 @@ class Tolerance:
         rtol: relative tolerance.
         atol: absolute tolerance, as a fraction of the block's gradient scale.
         step: the central-difference step, relative to the entry's magnitude
-            (or to the block's RMS magnitude for entries near zero).
+            (absolute for entries smaller than 1).
         eps: unit round-off of the precision the model is evaluated in.
         noise: assumed relative noise of one loss evaluation, in units of ``eps``.
         safety: how many estimated errors an entry may be off before it fails.
@@ -45,7 +45,7 @@ class Tolerance:
 
 #: The defaults, keyed by the precision the model is evaluated in. Never scaled by array size.
 TOLERANCES: dict[str, Tolerance] = {
-    "float64": Tolerance(rtol=1e-6, atol=1e-8, step=6e-6, eps=2.0**-52),
+    "float64": Tolerance(rtol=1e-6, atol=1e-8, step=2e-5, eps=2.0**-52),
     "float32": Tolerance(rtol=1e-3, atol=1e-4, step=5e-3, eps=2.0**-23, noise=64.0),
 }
 
@@ -80,14 +80,16 @@ class CheckOptions:
             or not isinstance(self.max_evals, int)
             or self.max_evals < 1
         ):
-            raise InvalidOptionError(f"max_evals must be a positive int or None; got {self.max_evals!r}")
+            raise InvalidOptionError(
+                f"max_evals must be a positive int or None; got {self.max_evals!r}"
+            )
         if not isinstance(self.max_refine, int) or self.max_refine < 0:
             raise InvalidOptionError(f"max_refine must be an int >= 0; got {self.max_refine!r}")
         if not isinstance(self.probes, int) or self.probes < 1:
             raise InvalidOptionError(f"probes must be an int >= 1; got {self.probes!r}")
 
     def tolerance(self, precision: str) -> Tolerance:
-        """The table's row for ``precision`` with this check's ``rtol``/``atol`` overrides applied."""
+        """The table's row for ``precision``, with this check's ``rtol``/``atol`` overrides."""
         try:
             base = TOLERANCES[precision]
         except KeyError:

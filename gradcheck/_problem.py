@@ -85,13 +85,13 @@ class FlatProblem:
     def __post_init__(self) -> None:
         theta = np.asarray(self.theta0)
         if theta.ndim != 1:
-            raise ShapeMismatchError(
-                f"theta0 must be 1-D; got an array of shape {theta.shape}"
-            )
+            raise ShapeMismatchError(f"theta0 must be 1-D; got an array of shape {theta.shape}")
         if not np.issubdtype(theta.dtype, np.floating) and not np.issubdtype(
             theta.dtype, np.integer
         ):
-            raise GradcheckInputError(f"theta0 must be real floating point; got dtype {theta.dtype}")
+            raise GradcheckInputError(
+                f"theta0 must be real floating point; got dtype {theta.dtype}"
+            )
         self.theta0 = np.array(theta, dtype=np.float64, copy=True)
         self.theta0.setflags(write=False)
         self.blocks = tuple(self.blocks)

@@ -56,7 +56,9 @@ class Entry:
             "abs_diff": _json_float(self.abs_diff),
             "rel_diff": _json_float(self.rel_diff),
             "kink": self.kink,
-            "one_sided": None if self.one_sided is None else [_json_float(v) for v in self.one_sided],
+            "one_sided": None
+            if self.one_sided is None
+            else [_json_float(v) for v in self.one_sided],
         }
 
 
@@ -273,9 +275,11 @@ def _entry_table(entries: tuple[Entry, ...]) -> list[str]:
         f"  {'index':<{width}}  {'analytic':>11}  {'numeric':>11} (± est. error)  {'abs diff':>8}"
     ]
     for e in entries:
-        tag = "  kink: one-sided " + f"{e.one_sided[0]:.3e} / {e.one_sided[1]:.3e}" if (
-            e.kink and e.one_sided is not None
-        ) else ""
+        tag = (
+            "  kink: one-sided " + f"{e.one_sided[0]:.3e} / {e.one_sided[1]:.3e}"
+            if (e.kink and e.one_sided is not None)
+            else ""
+        )
         lines.append(
             f"  {_index(e.index):<{width}}  {_num(e.analytic):>11}  {_num(e.numeric):>11}"
             f" ± {_small(e.error):<8}  {_small(e.abs_diff):>8}{tag}"
@@ -295,7 +299,9 @@ def _block_lines(b: BlockResult, fast: bool) -> list[str]:
     if b.diagnosis:
         lines.append(f"  diagnosis: {b.diagnosis}")
     if b.localized is not None:
-        lines.append(f"  localisation named {b.localized} wrong entr{'y' if b.localized == 1 else 'ies'}")
+        lines.append(
+            f"  localisation named {b.localized} wrong entr{'y' if b.localized == 1 else 'ies'}"
+        )
     if b.note:
         lines.append(f"  note: {b.note}")
     return lines
@@ -311,9 +317,7 @@ def render(report: Report) -> str:
     passed = [b for b in report.blocks if b.passed]
     if passed:
         lines.append("")
-        lines.append(
-            "passed: " + ", ".join(f"`{b.name}` {_shape(b.shape)}" for b in passed)
-        )
+        lines.append("passed: " + ", ".join(f"`{b.name}` {_shape(b.shape)}" for b in passed))
     kinked = [b for b in report.blocks if b.kinks]
     if kinked:
         lines.append(

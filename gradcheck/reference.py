@@ -22,6 +22,7 @@ The model follows gradcheck's NumPy protocol (``params``, ``forward``,
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -139,7 +140,7 @@ class MLP:
         self.bug = bug
         init = np.random.default_rng(self.seed)
         self.params: dict[str, np.ndarray] = {}
-        for layer, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+        for layer, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
             scale = 1.0 / np.sqrt(n_in)
             self.params[f"W{layer}"] = init.normal(0.0, scale, size=(n_out, n_in))
             self.params[f"b{layer}"] = init.normal(0.0, 0.1, size=(n_out,))
@@ -166,7 +167,7 @@ class MLP:
         return mlp_to_torch(self)
 
     def to_jax(self) -> Any:
-        """The same network as a JAX ``(apply_fn, params)`` pair, ``apply_fn(params, x)``; needs JAX."""
+        """The same network as a JAX pair ``(apply_fn, params)``; needs JAX."""
         from ._reference_jax import mlp_to_jax
 
         return mlp_to_jax(self)
@@ -181,7 +182,7 @@ class MLP:
         a = x
         acts = [a]
         zs = []
-        masks = []
+        masks: list[np.ndarray | None] = []
         for layer in range(self.n_layers):
             z = a @ self.params[f"W{layer}"].T + self.params[f"b{layer}"]
             zs.append(z)

@@ -1,0 +1,363 @@
+"""The core checker on plain functions (check_flat) and on hand-written NumPy layers.
+
+Oracles: closed-form derivatives of the test functions, and layers whose backward
+is known to be correct (or carries a known planted bug).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from layers import Linear, LinearReLU, MaxPool1d, ReLU
+
+import gradcheck
+from gradcheck import (
+    Block,
+    GradientCheckError,
+    InvalidOptionError,
+    NonFiniteError,
+    NothingToCheckError,
+    ShapeMismatchError,
+    UnsupportedModelError,
+    check_flat,
+    check_gradients,
+)
+
+
+def cubic(t):
+    return float(np.sum(t**3))
+
+
+def test_correct_gradient_passes_and_wrong_one_fails():
+    t0 = np.linspace(-2, 2, 7)
+    assert check_flat(cubic, lambda t: 3 * t**2, t0).passed
+    report = check_flat(cubic, lambda t: 3 * t**2 + (t == t0[2]) * 1e-3, t0)
+    assert not report.passed
+    (block,) = report.failed_blocks
+    assert block.mismatches == 1 and block.worst[0].index == (2,)
+
+
+def test_numeric_gradient_is_accurate_on_smooth_functions():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 5))
+
+    def f(t):
+        return float(np.sum(np.tanh(a @ t)) + np.exp(t).sum())
+
+    def g(t):
+        return a.T @ (1 - np.tanh(a @ t) ** 2) + np.exp(t)
+
+    t0 = rng.normal(size=5)
+    report = check_flat(f, g, t0)
+    assert report.passed
+    assert np.max(np.abs(report.numeric - g(t0))) <= 1e-9 * np.max(np.abs(g(t0)))
+    # about two evaluations per entry when nothing is suspicious (+ f0 twice + the gradient)
+    assert report.evaluations == 2 * t0.size + 3
+
+
+def test_tiny_gradients_are_judged_on_their_own_scale():
+    # block `small` has gradients ~1e-7 next to a block with gradients ~1e3; a 2x bug there is
+    # caught (the loss itself stays ~10, so its round-off does not drown the small block)
+    def f(t):
+        return float(1e3 * np.sum(np.sin(t[:3])) + 1e-7 * np.sum(np.sin(t[3:])))
+
+    def g(t, bug=1.0):
+        return np.concatenate([1e3 * np.cos(t[:3]), bug * 1e-7 * np.cos(t[3:])])
+
+    blocks = [Block("big", (3,), 0), Block("small", (4,), 3)]
+    t0 = np.array([0.005, -0.01, 0.002, 0.1, 0.2, 0.3, 0.4])
+    assert check_flat(f, g, t0, blocks=blocks).passed
+    report = check_flat(f, lambda t: g(t, bug=2.0), t0, blocks=blocks)
+    assert [b.name for b in report.failed_blocks] == ["small"]
+    assert "analytic / numeric = 2" in (report.block("small").diagnosis or "")
+
+
+def test_large_losses_and_parameters_are_checked_relative_to_their_scale():
+    scale = 1e6
+
+    def f(t):
+        return float(scale * np.sum(np.cos(t / 1e3)))
+
+    def g(t):
+        return -scale / 1e3 * np.sin(t / 1e3)
+
+    t0 = np.array([1e3, -2.5e3, 700.0])
+    assert check_flat(f, g, t0).passed
+    assert not check_flat(f, lambda t: 1.001 * g(t), t0).passed
+
+
+@pytest.mark.parametrize(
+    ("fn", "grad", "t0"),
+    [
+        (lambda t: float(np.sum(np.abs(t))), np.sign, np.array([0.0, 1.0, -2.0])),
+        (
+            lambda t: float(np.sum(np.maximum(t, 0))),
+            lambda t: (t > 0) * 1.0,
+            np.array([0.0, 1e-12, -1e-12, 1e-9, -1e-9]),
+        ),
+        (
+            lambda t: float(np.max(t)),
+            lambda t: (np.arange(t.size) == np.argmax(t)) * 1.0,
+            np.array([1.0, 3.0, 3.0, 3.0]),
+        ),
+    ],
+    ids=["abs-at-0", "relu-near-0", "max-ties"],
+)
+def test_kinks_are_not_gradient_bugs(fn, grad, t0):
+    report = check_flat(fn, grad, t0)
+    assert report.passed, str(report)
+
+
+def test_kink_with_an_impossible_analytic_value_is_a_mismatch():
+    # |t| at 0 has one-sided derivatives -1 and 1; 5 is not a subgradient
+    report = check_flat(
+        lambda t: float(np.sum(np.abs(t))),
+        lambda t: np.sign(t) + 5 * (t == 0),
+        np.array([0.0, 1.0]),
+    )
+    assert not report.passed
+    assert report.blocks[0].worst[0].index == (0,)
+
+
+def test_relu_layer_with_preactivations_on_and_near_the_kink_passes():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 4))
+    W = rng.normal(size=(4, 5))
+    b = -(x[0] @ W)  # sample 0 has every pre-activation exactly on the kink
+    b[1] += 1e-10
+    b[2] -= 1e-9
+    layer = LinearReLU(W, b)
+    assert np.abs(layer.forward(x)[0]).max() <= 1e-9
+    report = check_gradients(layer, x, None)
+    assert report.passed, str(report)
+    assert sum(b.kinks for b in report.blocks) > 0
+
+
+def test_relu_input_gradient_on_the_kink_passes():
+    x = np.array([[0.0, 1e-9, -1e-9, 0.5], [-0.3, 0.0, 2.0, 0.0]])
+    assert check_gradients(ReLU(), x, None).passed
+
+
+def test_maxpool_with_ties_passes_and_a_wrong_route_fails():
+    x = np.array([[1.0, 1.0, 0.5, 2.0, 2.0, 2.0], [0.0, -1.0, 3.0, 3.0, 1.0, 1.0]])
+    pool = MaxPool1d(2)
+    assert check_gradients(pool, x, None).passed
+
+    class WrongPool(MaxPool1d):
+        def backward(self, dout):
+            return np.roll(super().backward(dout), 1, axis=1)
+
+    assert not check_gradients(WrongPool(2), x, None).passed
+
+
+def test_transposed_weight_gradient_is_diagnosed():
+    rng = np.random.default_rng(0)
+    layer = Linear(4, 4, bug="transpose")
+    report = check_gradients(layer, rng.normal(size=(3, 4)), None)
+    assert (
+        report.block("W").diagnosis == "the analytic gradient is the transpose of the numeric one"
+    )
+
+
+def test_report_text_json_and_exception():
+    report = check_flat(cubic, lambda t: 2 * t**2, np.array([1.0, 2.0]))
+    text = str(report)
+    assert text.startswith("gradients disagree in 1 of 1 block")
+    assert "`theta`  shape (2,)" in text and "mismatched: 2 / 2 entries" in text
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["passed"] is False and data["blocks"][0]["mismatches"] == 2
+    with pytest.raises(GradientCheckError) as info:
+        report.raise_if_failed()
+    assert info.value.report is report
+    assert isinstance(info.value, AssertionError)
+    good = check_flat(cubic, lambda t: 3 * t**2, np.array([1.0, 2.0]))
+    assert good.raise_if_failed() is good
+
+
+def test_same_seed_same_report():
+    layer = Linear(3, 2)
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    one = check_gradients(layer, x, None, seed=5).to_dict()
+    two = check_gradients(layer, x, None, seed=5).to_dict()
+    one.pop("elapsed"), two.pop("elapsed")
+    assert one == two
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"rtol": -1.0}, "rtol must be a finite number >= 0; got -1.0"),
+        ({"atol": float("nan")}, "atol must be a finite number >= 0; got nan"),
+        ({"mode": "fastest"}, "mode must be one of ('auto', 'full', 'fast'); got 'fastest'"),
+        ({"wrt": "weights"}, "wrt must be one of ('all', 'params', 'inputs'); got 'weights'"),
+        ({"seed": 1.5}, "seed must be an int; got 1.5"),
+        ({"max_evals": 0}, "max_evals must be a positive int or None; got 0"),
+    ],
+)
+def test_bad_options_are_rejected_with_one_line(options, message):
+    with pytest.raises(InvalidOptionError) as info:
+        check_gradients(Linear(2, 2), np.ones((1, 2)), None, **options)
+    assert str(info.value) == message
+
+
+def test_non_finite_gradient_names_the_block():
+    layer = Linear(2, 2)
+
+    class Broken(Linear):
+        def backward(self, dout):
+            dx = super().backward(dout)
+            self.grads["b"] = self.grads["b"] * np.nan
+            return dx
+
+    with pytest.raises(NonFiniteError, match="analytic gradient of `b` is not finite"):
+        check_gradients(Broken(2, 2), np.ones((1, 2)), None)
+    with pytest.raises(NonFiniteError, match="the loss is not finite"):
+        check_flat(lambda t: float("inf"), lambda t: t, np.ones(2))
+    assert check_gradients(layer, np.ones((1, 2)), None).passed
+
+
+def test_gradient_key_and_shape_mismatches():
+    class MissingKey(Linear):
+        def backward(self, dout):
+            dx = super().backward(dout)
+            del self.grads["b"]
+            return dx
+
+    class WrongShape(Linear):
+        def backward(self, dout):
+            dx = super().backward(dout)
+            self.grads["W"] = self.grads["W"].ravel()
+            return dx
+
+    with pytest.raises(ShapeMismatchError, match=r"model.grads has no entry 'b' after backward"):
+        check_gradients(MissingKey(2, 3), np.ones((1, 2)), None)
+    with pytest.raises(
+        ShapeMismatchError, match=r"model.grads\['W'\] has shape \(6,\); expected \(2, 3\)"
+    ):
+        check_gradients(WrongShape(2, 3), np.ones((1, 2)), None)
+
+
+def test_target_shape_must_fit_the_loss():
+    with pytest.raises(
+        ShapeMismatchError, match=r"loss 'mse' needs y of the output's shape \(1, 3\); got \(1, 4\)"
+    ):
+        check_gradients(Linear(2, 3), np.ones((1, 2)), np.ones((1, 4)), loss="mse")
+    with pytest.raises(InvalidOptionError, match="loss must be a callable or one of"):
+        check_gradients(Linear(2, 3), np.ones((1, 2)), np.ones((1, 3)), loss="hinge")
+
+
+def test_nothing_to_check_and_unsupported_models():
+    with pytest.raises(NothingToCheckError, match="nothing to check with wrt='params'"):
+        check_gradients(ReLU(), np.ones((2, 2)), None, wrt="params")
+    with pytest.raises(
+        UnsupportedModelError, match=r"cannot check a model of type builtins\.str; expected"
+    ):
+        check_gradients("not a model", np.ones(2))
+
+
+def test_the_users_model_is_untouched_also_when_it_raises():
+    layer = Linear(3, 2, seed=1)
+    before = {k: v.copy() for k, v in layer.params.items()}
+    ids = {k: id(v) for k, v in layer.params.items()}
+    state = np.random.get_state()[1].copy()
+    check_gradients(layer, np.ones((2, 3)), None)
+    for k, v in layer.params.items():
+        assert id(v) == ids[k] and np.array_equal(v, before[k])
+
+    class Explodes(Linear):
+        calls = 0
+
+        def forward(self, x):
+            type(self).calls += 1
+            if type(self).calls > 5:
+                raise RuntimeError("boom")
+            np.random.random()  # draws from the global generator, which is restored
+            return super().forward(x)
+
+    model = Explodes(3, 2, seed=1)
+    before = {k: v.copy() for k, v in model.params.items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        check_gradients(model, np.ones((2, 3)), None)
+    for k, v in model.params.items():
+        assert np.array_equal(v, before[k])
+    assert np.array_equal(np.random.get_state()[1], state)
+
+
+def test_non_deterministic_forward_is_reported_not_blamed_on_the_gradient():
+    class Noisy(Linear):
+        def __init__(self):
+            super().__init__(2, 2)
+            self.source = iter(range(10**6))
+
+        def forward(self, x):
+            return super().forward(x) + 1e-3 * next(self.source)
+
+    report = check_gradients(Noisy(), np.ones((1, 2)), None)
+    assert not report.passed
+    assert report.problem is not None and "not deterministic" in report.problem
+    assert "inconclusive" in str(report)
+
+
+def test_evaluation_budget_fails_the_check_and_says_so():
+    report = check_flat(cubic, lambda t: 3 * t**2, np.arange(50.0), max_evals=20)
+    assert not report.passed
+    assert "max_evals=20" in (report.problem or "")
+
+
+def test_float32_parameters_are_checked_on_a_float64_copy():
+    layer = Linear(3, 2)
+    layer.params = {k: v.astype(np.float32) for k, v in layer.params.items()}
+    report = check_gradients(layer, np.ones((2, 3), dtype=np.float32), None)
+    assert report.passed and report.precision == "float64"
+    assert any("float64 copy" in w for w in report.warnings)
+    assert layer.params["W"].dtype == np.float32
+
+
+def test_public_names():
+    assert sorted(gradcheck.__all__) == sorted(
+        [
+            "TOLERANCES",
+            "Block",
+            "BlockResult",
+            "Entry",
+            "FlatProblem",
+            "GradcheckInputError",
+            "GradientCheckError",
+            "InvalidOptionError",
+            "MissingFrameworkError",
+            "ModelError",
+            "NonFiniteError",
+            "NothingToCheckError",
+            "Report",
+            "ShapeMismatchError",
+            "Tolerance",
+            "UnsupportedModelError",
+            "__version__",
+            "assert_gradients",
+            "check_flat",
+            "check_gradients",
+        ]
+    )
+    for name in gradcheck.__all__:
+        assert getattr(gradcheck, name) is not None
+
+
+def test_import_loads_neither_torch_nor_jax():
+    code = "import sys, gradcheck, gradcheck.reference; print('torch' in sys.modules, 'jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_adapters_are_a_subpackage_not_a_top_level_package():
+    import gradcheck.adapters.numpy as numpy_adapter
+
+    assert numpy_adapter.__name__ == "gradcheck.adapters.numpy"
+    code = "import importlib.util; print(importlib.util.find_spec('adapters'))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    )
+    assert out.stdout.strip() == "None"
