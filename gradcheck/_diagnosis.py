@@ -19,17 +19,26 @@ def _factor_hint(c: float) -> str:
 
 
 def diagnose(
-    analytic: np.ndarray, numeric: np.ndarray, bad: np.ndarray, shape: tuple[int, ...]
+    analytic: np.ndarray,
+    numeric: np.ndarray,
+    bad: np.ndarray,
+    shape: tuple[int, ...],
+    size: int | None = None,
 ) -> str | None:
-    """A sentence naming the pattern of the mismatches, or None where there is none to name."""
+    """A sentence naming the pattern of the mismatches, or None where there is none to name.
+
+    ``analytic``/``numeric`` hold the checked entries (all of the block in full mode,
+    the localised ones in fast mode); ``size`` is the block's size when they are
+    only part of it.
+    """
     k = int(bad.sum())
-    n = analytic.size
+    n = analytic.size if size is None else size
     if k == 0:
         return None
     a, num = analytic[bad], numeric[bad]
     scale = float(np.max(np.abs(numeric))) if n else 0.0
     if np.all(a == 0.0):
-        if k == n or np.all(analytic == 0.0):
+        if k == n or (size is None and np.all(analytic == 0.0)):
             return (
                 "the analytic gradient of this block is zero everywhere "
                 "(a gradient never computed or returned?)"
@@ -43,7 +52,7 @@ def diagnose(
             "the analytic gradient is nonzero where the loss does not change "
             "(a gradient written to the wrong place?)"
         )
-    if len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1:
+    if size is None and len(shape) == 2 and shape[0] == shape[1] and shape[0] > 1:
         a2 = analytic.reshape(shape)
         n2 = numeric.reshape(shape)
         if np.allclose(a2.T, n2, rtol=1e-4, atol=1e-6 * max(scale, 1e-300)):

@@ -60,7 +60,7 @@ class CheckOptions:
     atol: float | None = None
     max_evals: int | None = None
     max_refine: int = 200
-    probes: int = 4
+    probes: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

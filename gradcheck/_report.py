@@ -261,9 +261,18 @@ def _header(report: Report) -> list[str]:
     else:
         n_bad = len(report.failed_blocks)
         first = f"gradients disagree in {n_bad} of {_blocks(len(report.blocks))} ({summary})"
+    if report.mode == "fast":
+        formula = (
+            f"test per random direction: |analytic - numeric| <= {report.safety:g}*estimated error"
+            " + rtol*(one typical entry's share)"
+        )
+    else:
+        formula = (
+            f"test: |analytic - numeric| <= atol*scale + rtol*|numeric| + "
+            f"{report.safety:g}*estimated error"
+        )
     test = (
-        f"test: |analytic - numeric| <= atol*scale + rtol*|numeric| + "
-        f"{report.safety:g}*estimated error; rtol={report.rtol:g} atol={report.atol:g} "
+        f"{formula}; rtol={report.rtol:g} atol={report.atol:g} "
         f"seed={report.seed} ({report.mode_reason}; {report.framework}, {report.batching})"
     )
     return [first, test]
