@@ -17,6 +17,7 @@ from ._numerics import (
     base_steps,
     coordinate_differences,
     refine,
+    shrink_until_finite,
     subset,
 )
 from ._options import CheckOptions, Mode, Tolerance
@@ -69,13 +70,14 @@ class _FullBlock:
         self.ev, self.block, self.tol, self.f0 = ev, block, tol, f0
         self.idx = np.arange(block.offset, block.offset + block.size)
         self.a = g[block.slice]
-        self.h = h[block.slice]
+        self.h = h[block.slice].copy()
         self.grad_scale = grad_scale
         self.max_refine = max_refine
 
     def run(self) -> tuple[BlockResult, np.ndarray]:
         tol, a = self.tol, self.a
         first = coordinate_differences(self.ev, self.idx, self.h, self.f0)
+        shrink_until_finite(self.ev, self.idx, self.h, first)
         numeric = first.central
         error = first.roundoff(tol)
         finite = np.isfinite(numeric)

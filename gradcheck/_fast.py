@@ -34,14 +34,22 @@ MAX_LOCALIZE = 5
 
 def _richardson2(
     ev: Evaluator, v: np.ndarray, s: float, f0: float, tol: Tolerance
-) -> tuple[float, float, Differences]:
-    """Directional derivative from steps s and s/2: (value, error estimate, first differences)."""
-    big = line_differences(ev, v, s, f0)
+) -> tuple[float, float, Differences, float]:
+    """Directional derivative from steps s and s/2.
+
+    Returns (value, error estimate, first differences, the step used): a step
+    that leaves the loss's domain is retried 10x smaller, a few times.
+    """
+    for _ in range(6):
+        big = line_differences(ev, v, s, f0)
+        if np.isfinite(big.fp[0]) and np.isfinite(big.fm[0]):
+            break
+        s /= 10.0
     small = line_differences(ev, v, s / 2, f0)
     d1, d2 = float(big.central[0]), float(small.central[0])
     value = d2 + (d2 - d1) / 3.0
     error = abs(d2 - d1) / 3.0 + 2.0 * float(small.roundoff(tol)[0])
-    return value, error, big
+    return value, error, big, s
 
 
 class _Probe:
@@ -81,12 +89,12 @@ class _Probe:
         """(passed, analytic, numeric, error, allowed) along ``v``; refined before failing."""
         tol = self.tol
         analytic = float(self.g @ v)
-        numeric, error, first = _richardson2(self.ev, v, tol.step, self.f0, tol)
+        numeric, error, first, step = _richardson2(self.ev, v, tol.step, self.f0, tol)
         allowed = self.allowed(v, self.block.size, error)
         if abs(analytic - numeric) <= allowed:
             return True, analytic, numeric, error, allowed
         ev, f0 = self.ev, self.f0
-        r = refine(lambda factor: line_differences(ev, v, tol.step * factor, f0), first, tol)
+        r = refine(lambda factor: line_differences(ev, v, step * factor, f0), first, tol)
         numeric, error = float(r.numeric[0]), float(r.error[0])
         allowed = self.allowed(v, self.block.size, error)
         if abs(analytic - numeric) <= allowed:

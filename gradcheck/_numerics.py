@@ -247,6 +247,25 @@ def refine(
     )
 
 
+def shrink_until_finite(
+    ev: Evaluator, idx: np.ndarray, h: np.ndarray, first: Differences, tries: int = 6
+) -> None:
+    """Retry entries whose loss is not finite at ``theta0 ± h`` with steps 10x smaller, in place.
+
+    A step can leave the loss's domain (``sqrt`` or ``log`` of a small positive
+    entry); the entry is then probed closer to its value, and ``h`` and ``first``
+    are updated for it, so refinement starts from the step that worked.
+    """
+    for _ in range(tries):
+        lost = np.flatnonzero(~(np.isfinite(first.fp) & np.isfinite(first.fm)))
+        if not lost.size:
+            return
+        h[lost] /= 10.0
+        retry = coordinate_differences(ev, idx[lost], h[lost], first.f0)
+        first.fp[lost], first.fm[lost] = retry.fp, retry.fm
+        first.hp[lost], first.hm[lost] = retry.hp, retry.hm
+
+
 def subset(d: Differences, sel: np.ndarray) -> Differences:
     return Differences(f0=d.f0, fp=d.fp[sel], fm=d.fm[sel], hp=d.hp[sel], hm=d.hm[sel])
 

@@ -112,6 +112,25 @@ def test_kinks_are_not_gradient_bugs(fn, grad, t0):
     assert report.passed, str(report)
 
 
+@pytest.mark.parametrize("mode", ["full", "fast"])
+def test_steps_shrink_to_stay_inside_the_domain(mode):
+    # sqrt and log of entries far smaller than the default step: a step of 2e-5 would leave
+    # the domain; the checker probes closer instead of giving up on the entries
+    t0 = np.array([1e-7, 3e-7, 2e-6, 1.0])
+
+    def f(t):
+        with np.errstate(invalid="ignore", divide="ignore"):  # NaN outside the domain
+            return float(np.sum(np.sqrt(t)) + np.sum(np.log(t)))
+
+    def g(t):
+        return 0.5 / np.sqrt(t) + 1.0 / t
+
+    assert check_flat(f, g, t0, mode=mode).passed
+    report = check_flat(f, lambda t: g(t) * np.array([1.0, 1.001, 1.0, 1.0]), t0, mode=mode)
+    assert not report.passed
+    assert report.blocks[0].worst[0].index == (1,)
+
+
 def test_kink_with_an_impossible_analytic_value_is_a_mismatch():
     # |t| at 0 has one-sided derivatives -1 and 1; 5 is not a subgradient
     report = check_flat(
