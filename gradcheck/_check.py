@@ -16,7 +16,7 @@ from ._numerics import (
     Evaluator,
     base_steps,
     coordinate_differences,
-    refine,
+    refine_until_resolved,
     shrink_until_finite,
     subset,
 )
@@ -141,10 +141,11 @@ class _FullBlock:
     ) -> np.ndarray:
         tol, a = self.tol, self.a[chosen]
         idx, h, ev, f0 = self.idx[chosen], self.h[chosen], self.ev, self.f0
-        r = refine(
-            lambda factor: coordinate_differences(ev, idx, h * factor, f0),
+        r = refine_until_resolved(
+            lambda factor, sel: coordinate_differences(ev, idx[sel], h[sel] * factor, f0),
             subset(first, chosen),
             tol,
+            wanted=floor + tol.rtol * np.abs(a),
         )
         numeric[chosen] = r.numeric
         error[chosen] = r.error

@@ -23,7 +23,14 @@ import math
 import numpy as np
 
 from ._diagnosis import diagnose
-from ._numerics import Differences, Evaluator, coordinate_differences, line_differences, refine
+from ._numerics import (
+    Differences,
+    Evaluator,
+    coordinate_differences,
+    line_differences,
+    refine_until_resolved,
+    shrink_until_finite,
+)
 from ._options import CheckOptions, Tolerance
 from ._problem import Block, FlatProblem
 from ._report import MAX_ROWS, BlockResult, Entry
@@ -48,7 +55,9 @@ def _richardson2(
     small = line_differences(ev, v, s / 2, f0)
     d1, d2 = float(big.central[0]), float(small.central[0])
     value = d2 + (d2 - d1) / 3.0
-    error = abs(d2 - d1) / 3.0 + 2.0 * float(small.roundoff(tol)[0])
+    # the extrapolation's own error is far below |d2 - d1| on smooth losses; the first
+    # pass counts round-off only and sends anything that disagrees to full refinement
+    error = 2.0 * float(small.roundoff(tol)[0])
     return value, error, big, s
 
 
@@ -68,6 +77,7 @@ class _Probe:
         self.ev, self.block, self.g, self.f0, self.tol = ev, block, g, f0, tol
         self.scale = scale
         self.rng = rng
+        self.step = tol.step  # of the last direction checked
 
     def direction(self) -> np.ndarray:
         b = self.block
@@ -90,11 +100,18 @@ class _Probe:
         tol = self.tol
         analytic = float(self.g @ v)
         numeric, error, first, step = _richardson2(self.ev, v, tol.step, self.f0, tol)
+        self.step = step
         allowed = self.allowed(v, self.block.size, error)
+        wanted = allowed - tol.safety * error
         if abs(analytic - numeric) <= allowed:
             return True, analytic, numeric, error, allowed
         ev, f0 = self.ev, self.f0
-        r = refine(lambda factor: line_differences(ev, v, step * factor, f0), first, tol)
+        r = refine_until_resolved(
+            lambda factor, sel: line_differences(ev, v, step * factor, f0),
+            first,
+            tol,
+            np.array([wanted]),
+        )
         numeric, error = float(r.numeric[0]), float(r.error[0])
         allowed = self.allowed(v, self.block.size, error)
         if abs(analytic - numeric) <= allowed:
@@ -106,11 +123,20 @@ class _Probe:
         return False, analytic, numeric, error, allowed
 
     def residual(self, v: np.ndarray, members: np.ndarray) -> float:
-        """analytic - numeric along ``v`` restricted to ``members`` (one central difference)."""
+        """analytic - numeric along ``v`` restricted to ``members``.
+
+        One central difference at the default step (plenty to tell which half holds
+        an error); where the direction's step had to shrink to stay in the loss's
+        domain, the curvature is large, and two steps are extrapolated instead.
+        """
         w = np.zeros_like(v)
         w[members] = v[members]
-        d = line_differences(self.ev, w, self.tol.step, self.f0)
-        return float(self.g[members] @ v[members]) - float(d.central[0])
+        analytic = float(self.g[members] @ v[members])
+        if self.step >= self.tol.step:
+            d = line_differences(self.ev, w, self.tol.step, self.f0)
+            return analytic - float(d.central[0])
+        numeric, _, _, _ = _richardson2(self.ev, w, self.step, self.f0, self.tol)
+        return analytic - numeric
 
     def entry(self, i: int) -> tuple[Entry, bool]:
         """Check entry ``i`` (absolute index) as full mode would: (entry, is a mismatch)."""
@@ -118,8 +144,12 @@ class _Probe:
         idx = np.array([i])
         h = tol.step * np.maximum(np.abs(ev.theta0[idx]), 1.0)
         first = coordinate_differences(ev, idx, h, f0)
-        r = refine(lambda factor: coordinate_differences(ev, idx, h * factor, f0), first, tol)
+        shrink_until_finite(ev, idx, h, first)
         a = float(self.g[i])
+        wanted = np.array([tol.rtol * abs(a) + 64.0 * tol.eps * abs(a)])
+        r = refine_until_resolved(
+            lambda factor, sel: coordinate_differences(ev, idx, h * factor, f0), first, tol, wanted
+        )
         n, err = float(r.numeric[0]), float(r.error[0])
         allowed = tol.rtol * abs(n) + tol.safety * err + 64.0 * tol.eps * abs(a)
         bad = abs(a - n) > allowed
@@ -173,7 +203,7 @@ class _Probe:
             v = self.direction()
             ok, analytic, numeric, error, allowed = self.check_direction(v)
             if not ok:
-                failures.append((v, analytic, numeric, error, allowed))
+                failures.append((v, analytic, numeric, error, allowed, self.step))
         if not failures:
             return BlockResult(
                 name=b.name,
@@ -184,7 +214,7 @@ class _Probe:
                 mismatches=0,
                 scale=float(np.max(np.abs(self.g[b.slice]))) if b.size else 0.0,
             )
-        v, analytic, numeric, error, allowed = failures[0]
+        v, analytic, numeric, error, allowed, self.step = failures[0]
         found, finished = self.localize(v, analytic - numeric, allowed)
         found.sort(key=lambda e: -e.abs_diff)
         diagnosis = None

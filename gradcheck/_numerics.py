@@ -177,6 +177,11 @@ class Refined:
     right: np.ndarray
     one_sided_noise: np.ndarray
 
+    def take(self, where: np.ndarray, other: Refined, sel: np.ndarray) -> None:
+        """Replace this record's entries ``where`` with ``other``'s entries ``sel``."""
+        for name in ("numeric", "error", "kink", "lo", "hi", "left", "right", "one_sided_noise"):
+            getattr(self, name)[where] = getattr(other, name)[sel]
+
 
 def refine(
     at_factor: Callable[[float], Differences], first: Differences, tol: Tolerance
@@ -268,6 +273,43 @@ def shrink_until_finite(
 
 def subset(d: Differences, sel: np.ndarray) -> Differences:
     return Differences(f0=d.f0, fp=d.fp[sel], fm=d.fm[sel], hp=d.hp[sel], hm=d.hm[sel])
+
+
+#: further refinements, from steps this much smaller, for entries whose error stays too large
+DEEPER = (1.0 / 16.0, 1.0 / 256.0)
+
+
+def refine_until_resolved(
+    at: Callable[[float, np.ndarray], Differences],
+    first: Differences,
+    tol: Tolerance,
+    wanted: np.ndarray,
+) -> Refined:
+    """:func:`refine`, repeated from smaller steps where the error estimate stays above ``wanted``.
+
+    ``at(factor, sel)`` evaluates the differences of the entries ``sel`` with their
+    first-pass steps scaled by ``factor``. Where ``safety * error`` exceeds the
+    resolution the tolerance asks for (``wanted``, per entry), the numbers cannot
+    tell a small bug from numerical error: a loss whose curvature scale is far below
+    the step (``log`` or ``1/x`` of a tiny entry, a kink within the step) is then
+    probed 16x and 256x closer, keeping whichever estimate has the smaller error.
+    """
+    everyone = np.arange(len(first.fp))
+    r = refine(lambda factor: at(factor, everyone), first, tol)
+    for shrink in DEEPER:
+        with np.errstate(invalid="ignore"):
+            weak = np.flatnonzero(~(tol.safety * r.error <= wanted))
+        if not weak.size:
+            break
+
+        def closer(factor: float, shrink: float = shrink, weak: np.ndarray = weak) -> Differences:
+            return at(shrink * factor, weak)
+
+        deeper = refine(closer, closer(1.0), tol)
+        with np.errstate(invalid="ignore"):
+            better = deeper.error < r.error[weak]
+        r.take(weak[better], deeper, better)
+    return r
 
 
 def line_differences(ev: Evaluator, direction: np.ndarray, s: float, f0: float) -> Differences:
