@@ -37,6 +37,8 @@ from ._report import MAX_ROWS, BlockResult, Entry
 
 #: wrong entries localisation names per failing block before it stops
 MAX_LOCALIZE = 5
+#: blocks this small are localised by checking every entry instead of bisecting
+SCAN_BELOW = 8
 
 
 def _richardson2(
@@ -171,12 +173,24 @@ class _Probe:
             bad,
         )
 
-    def localize(self, v: np.ndarray, total: float, limit: float) -> tuple[list[Entry], bool]:
-        """Bisect the block's support for wrong entries: (entries found, the search finished)."""
+    def localize(self, v: np.ndarray, total: float) -> tuple[list[Entry], bool]:
+        """Bisect the block's support for wrong entries: (entries found, the search finished).
+
+        Each step probes one half of the current support; the discrepancy of the
+        other half follows by linearity. An entry the bisection ends on is checked
+        as in full mode; after each wrong entry the direction without the entries
+        found so far is checked again, with the same test as the block's probe.
+        """
         found: list[Entry] = []
         remaining = np.arange(self.block.offset, self.block.offset + self.block.size)
+        if remaining.size <= SCAN_BELOW:  # cheaper and surer to check every entry
+            for i in remaining:
+                entry, bad = self.entry(int(i))
+                if bad:
+                    found.append(entry)
+            return found, True
         residual = total
-        while len(found) < MAX_LOCALIZE and abs(residual) > limit and remaining.size:
+        while len(found) < MAX_LOCALIZE and remaining.size:
             members, d = remaining, residual
             while members.size > 1:
                 half = members[: members.size // 2]
@@ -187,14 +201,19 @@ class _Probe:
                     members, d = members[members.size // 2 :], d - d_half
             i = int(members[0])
             entry, bad = self.entry(i)
+            if not bad:  # the discrepancy is spread too thin to single out an entry
+                return found, False
+            found.append(entry)
             remaining = remaining[remaining != i]
-            if bad:
-                found.append(entry)
-            residual = self.residual(v, remaining) if remaining.size else 0.0
-            if not bad and abs(residual) > limit and len(found) == 0 and remaining.size == 0:
-                break
-        finished = abs(residual) <= limit or not remaining.size
-        return found, finished
+            if not remaining.size:
+                return found, True
+            rest = np.zeros_like(v)
+            rest[remaining] = v[remaining]
+            ok, analytic, numeric, _, _ = self.check_direction(rest)
+            if ok:
+                return found, True
+            residual = analytic - numeric
+        return found, False
 
     def run(self, probes: int) -> BlockResult:
         b = self.block
@@ -215,7 +234,7 @@ class _Probe:
                 scale=float(np.max(np.abs(self.g[b.slice]))) if b.size else 0.0,
             )
         v, analytic, numeric, error, allowed, self.step = failures[0]
-        found, finished = self.localize(v, analytic - numeric, allowed)
+        found, finished = self.localize(v, analytic - numeric)
         found.sort(key=lambda e: -e.abs_diff)
         diagnosis = None
         if found:
