@@ -147,6 +147,66 @@ def _promote(work: Any, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return promoted
 
 
+class _Inputs:
+    """The model's input: one array, or a tuple/list of arrays, or a dict of arrays.
+
+    Float arrays become float64 copies that the check may substitute; anything
+    else (integer indices, masks, Python values) passes through as given.
+    """
+
+    def __init__(self, x: Any) -> None:
+        self.kind = "none" if x is None else "array"
+        items: list[tuple[Any, Any]] = []
+        if isinstance(x, Mapping):
+            self.kind, items = "dict", list(x.items())
+        elif isinstance(x, tuple) or (
+            isinstance(x, list) and x and all(isinstance(v, np.ndarray) for v in x)
+        ):
+            self.kind, items = type(x).__name__, list(enumerate(x))
+        elif x is not None:
+            items = [(None, x)]
+        self.keys = [k for k, _ in items]
+        self.values: list[Any] = []
+        self.floats: list[int] = []
+        for pos, (_, value) in enumerate(items):
+            arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
+            if arr is not None and np.issubdtype(arr.dtype, np.floating):
+                self.values.append(arr.astype(np.float64))
+                self.floats.append(pos)
+            else:
+                self.values.append(copy.deepcopy(value))
+
+    def name(self, pos: int) -> str:
+        key = self.keys[pos]
+        return "input" if self.kind == "array" else f"input[{key!r}]"
+
+    def build(self, values: list[Any]) -> Any:
+        if self.kind == "none":
+            return None
+        if self.kind == "array":
+            return values[0]
+        if self.kind == "dict":
+            return dict(zip(self.keys, values, strict=True))
+        return tuple(values) if self.kind == "tuple" else list(values)
+
+    def gradient(self, dx: Any, pos: int) -> Any:
+        """The part of ``backward``'s return value that belongs to input ``pos``."""
+        if self.kind == "array":
+            return dx
+        if self.kind == "dict":
+            if not isinstance(dx, Mapping) or self.keys[pos] not in dx:
+                raise ShapeMismatchError(
+                    f"backward must return a dict with the input's keys; got {type(dx).__name__}"
+                )
+            return dx[self.keys[pos]]
+        if not isinstance(dx, (tuple, list)) or len(dx) != len(self.values):
+            raise ShapeMismatchError(
+                f"backward must return a sequence of {len(self.values)} input gradients, "
+                f"one per input; got {type(dx).__name__}"
+            )
+        return dx[pos]
+
+
 def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> FlatProblem:
     try:
         work = copy.deepcopy(model)
@@ -156,25 +216,28 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
     original_dtypes = {p.dtype for p in params.values()}
     params = _promote(work, params)
     loss_fn, loss_grad = _loss_pair(loss, y, seed)
-    x_arr = None if x is None else np.asarray(x)
-    x_is_block = x_arr is not None and np.issubdtype(x_arr.dtype, np.floating)
-    x_work = None if x_arr is None else (x_arr.astype(np.float64) if x_is_block else x_arr.copy())
+    inputs = _Inputs(x)
 
     layout: list[tuple[str, tuple[int, ...], BlockKind]] = []
     if wrt in ("all", "params"):
         layout += [(name, p.shape, "param") for name, p in params.items() if p.size]
-    if wrt in ("all", "inputs") and x_is_block and x_work is not None and x_work.size:
-        layout.append(("input", x_work.shape, "input"))
+    checked_inputs = {}  # block name -> position in inputs.values
+    if wrt in ("all", "inputs"):
+        for pos in inputs.floats:
+            if inputs.values[pos].size:
+                checked_inputs[inputs.name(pos)] = pos
+                layout.append((inputs.name(pos), inputs.values[pos].shape, "input"))
     if not layout:
         raise NothingToCheckError(
-            f"nothing to check with wrt={wrt!r}: the model has "
-            f"{len(params)} float parameters and the input is "
-            + ("missing" if x_arr is None else f"of dtype {x_arr.dtype}")
+            f"nothing to check with wrt={wrt!r}: the model has {len(params)} float "
+            f"parameters and {len(inputs.floats)} float inputs"
         )
     blocks = block_layout(layout)
-    views = {b.name: b for b in blocks}
     theta0 = np.concatenate(
-        [(x_work if b.kind == "input" else params[b.name]).reshape(-1) for b in blocks]  # type: ignore[union-attr]
+        [
+            (inputs.values[checked_inputs[b.name]] if b.kind == "input" else params[b.name]).ravel()
+            for b in blocks
+        ]
     ).astype(np.float64)
 
     rngs = list(_find_rngs(work))
@@ -182,18 +245,19 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
     regularization = getattr(work, "regularization", None)
 
     @contextmanager
-    def evaluation(theta: np.ndarray) -> Iterator[np.ndarray | None]:
+    def evaluation(theta: np.ndarray) -> Iterator[Any]:
         global_state = np.random.get_state()
         try:
             for rng, state in zip(rngs, rng_states, strict=True):
                 _set_rng_state(rng, copy.deepcopy(state))
-            for name, block in views.items():
+            values = list(inputs.values)
+            for block in blocks:
+                part = theta[block.slice].reshape(block.shape)
                 if block.kind == "param":
-                    np.copyto(params[name], theta[block.slice].reshape(block.shape))
-            x_eval = x_work
-            if "input" in views:
-                x_eval = theta[views["input"].slice].reshape(views["input"].shape).copy()
-            yield x_eval
+                    np.copyto(params[block.name], part)
+                else:
+                    values[checked_inputs[block.name]] = part.copy()
+            yield inputs.build(values)
         finally:
             np.random.set_state(global_state)
 
@@ -230,8 +294,8 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
                             "backward returned None, so the input gradient cannot be checked; "
                             "return dL/dx from backward or pass wrt='params'"
                         )
-                    value = np.asarray(dx)
-                    what = "the input gradient returned by backward"
+                    value = np.asarray(inputs.gradient(dx, checked_inputs[block.name]))
+                    what = f"the gradient of `{block.name}` returned by backward"
                 else:
                     if not isinstance(grads, Mapping) or block.name not in grads:
                         have = sorted(grads) if isinstance(grads, Mapping) else type(grads).__name__

@@ -184,8 +184,8 @@ class _Probe:
         found: list[Entry] = []
         remaining = np.arange(self.block.offset, self.block.offset + self.block.size)
         if remaining.size <= SCAN_BELOW:  # cheaper and surer to check every entry
-            for i in remaining:
-                entry, bad = self.entry(int(i))
+            for k in remaining.tolist():
+                entry, bad = self.entry(k)
                 if bad:
                     found.append(entry)
             return found, True

@@ -380,3 +380,31 @@ def test_adapters_are_a_subpackage_not_a_top_level_package():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
     )
     assert out.stdout.strip() == "None"
+
+
+class TwoInputs:
+    """out = a * W + b @ V: a layer with a tuple input (and an integer input passed through)."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.params = {"W": rng.normal(size=(3,)), "V": rng.normal(size=(2, 3))}
+        self.grads: dict[str, np.ndarray] = {}
+
+    def forward(self, x):
+        a, b, idx = x
+        self.a, self.b = a, b
+        return (a * self.params["W"] + b @ self.params["V"])[idx]
+
+    def backward(self, dout):
+        full = np.zeros((self.a.shape[0], 3))
+        np.add.at(full, np.array([0, 1, 1]), dout)
+        self.grads = {"W": (full * self.a).sum(0), "V": self.b.T @ full}
+        return (full * self.params["W"], full @ self.params["V"].T, None)
+
+
+def test_tuple_inputs_are_blocks_and_integer_inputs_pass_through():
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(2, 3)), rng.normal(size=(2, 2)), np.array([0, 1, 1]))
+    report = check_gradients(TwoInputs(), x, None)
+    assert report.passed, str(report)
+    assert [b.name for b in report.blocks] == ["W", "V", "input[0]", "input[1]"]
