@@ -14,6 +14,7 @@ from ._numerics import (
     BudgetExhausted,
     Differences,
     Evaluator,
+    Refined,
     base_steps,
     coordinate_differences,
     refine_until_resolved,
@@ -23,6 +24,9 @@ from ._numerics import (
 from ._options import CheckOptions, Mode, Tolerance
 from ._problem import Block, FlatProblem
 from ._report import MAX_ROWS, BlockResult, Entry, Report
+
+#: kink entries per block whose backward is checked on both sides of the kink (2 gradients each)
+KINK_SIDE_CHECKS = 32
 
 #: ``mode="auto"`` checks every entry up to this many parameters, and probes directions above.
 AUTO_FULL_LIMIT = 20_000
@@ -161,7 +165,46 @@ class _FullBlock:
         kink[chosen] = at_kink
         lo[chosen] = r.lo
         hi[chosen] = r.hi
-        return ok | (at_kink & inside)
+        accepted = ok | (at_kink & inside)
+        outside = np.flatnonzero(at_kink & ~inside)[:KINK_SIDE_CHECKS]
+        if outside.size:
+            accepted[outside] = self._both_sides(chosen[outside], r, outside, floor)
+        return accepted
+
+    def _both_sides(
+        self, entries: np.ndarray, r: Refined, pos: np.ndarray, floor: float
+    ) -> np.ndarray:
+        """A kink entry whose analytic value is no one-sided derivative: check just off the kink.
+
+        Several kinks can coincide along one coordinate (a zero-initialised ReLU
+        layer puts every unit on its kink at once); the value a backward returns
+        there is a convention (relu'(0) = 0) and may lie outside the one-sided
+        derivatives of the sum (by at most the larger unit's share, which the
+        sum hides: it must stay within the hull widened by the larger one-sided
+        derivative's magnitude, so 5 at the kink of |x| still fails). What can be
+        checked is the backward pass on either side: the analytic gradient a step
+        to the right must match the right derivative, and a step to the left the
+        left one. Two gradient evaluations per entry.
+        """
+        tol, ev = self.tol, self.ev
+        problem = ev.problem
+        ok = np.zeros(entries.size, dtype=bool)
+        for j, (local, p) in enumerate(zip(entries.tolist(), pos.tolist(), strict=True)):
+            reach = max(abs(r.lo[p]), abs(r.hi[p])) + tol.safety * r.one_sided_noise[p]
+            if not r.lo[p] - reach <= self.a[local] <= r.hi[p] + reach:
+                continue
+            i = int(self.idx[local])
+            step = float(r.step[p]) / 2.0
+            sides = []
+            for sign, expected in ((1.0, r.right0[p]), (-1.0, r.left0[p])):
+                theta = problem.theta0.copy()
+                theta[i] = ev.representable(np.array([theta[i] + sign * step]))[0]
+                ev.charge(1)
+                g = np.asarray(problem.gradient(theta), dtype=np.float64)[i]
+                slack = floor + tol.rtol * abs(expected) + tol.safety * r.one_sided_noise[p]
+                sides.append(bool(abs(g - expected) <= slack))
+            ok[j] = all(sides)
+        return ok
 
     def _decide_unrefined(
         self,

@@ -175,11 +175,26 @@ class Refined:
     hi: np.ndarray  # largest one-sided derivative seen
     left: np.ndarray  # one-sided derivatives at the smallest step
     right: np.ndarray
-    one_sided_noise: np.ndarray
+    one_sided_noise: np.ndarray  # error of the one-sided derivatives (round-off + truncation)
+    step: np.ndarray  # the smallest step used
+    right0: np.ndarray  # one-sided derivatives extrapolated to step 0
+    left0: np.ndarray
 
     def take(self, where: np.ndarray, other: Refined, sel: np.ndarray) -> None:
         """Replace this record's entries ``where`` with ``other``'s entries ``sel``."""
-        for name in ("numeric", "error", "kink", "lo", "hi", "left", "right", "one_sided_noise"):
+        for name in (
+            "numeric",
+            "error",
+            "kink",
+            "lo",
+            "hi",
+            "left",
+            "right",
+            "one_sided_noise",
+            "step",
+            "right0",
+            "left0",
+        ):
             getattr(self, name)[where] = getattr(other, name)[sel]
 
 
@@ -229,16 +244,23 @@ def refine(
 
     rights = np.stack([x.right for x in diffs])
     lefts = np.stack([x.left for x in diffs])
-    with np.errstate(invalid="ignore"):
-        one_sided = np.concatenate([rights, lefts])
+    small, before, large = diffs[-1], diffs[-2], diffs[0]
+    with np.errstate(invalid="ignore", over="ignore"):
+        # one-sided derivatives extrapolated to step 0 (their error is O(h), not O(h**2))
+        right0 = 2.0 * small.right - before.right
+        left0 = 2.0 * small.left - before.left
+        one_sided = np.concatenate([rights, lefts, right0[None], left0[None]])
         finite = np.isfinite(one_sided)
         lo = np.where(finite, one_sided, np.inf).min(axis=0)
         hi = np.where(finite, one_sided, -np.inf).max(axis=0)
-        small, large = diffs[-1], diffs[0]
         gap_small = np.abs(small.right - small.left)
         gap_large = np.abs(large.right - large.left)
-        one_sided_noise = 2.0 * small.roundoff(tol) * 2.0
-        kink = (gap_small > 0.25 * gap_large) & (gap_small > tol.safety * one_sided_noise)
+        noise = 4.0 * small.roundoff(tol)
+        truncation = np.maximum(
+            np.abs(small.right - before.right), np.abs(small.left - before.left)
+        )
+        one_sided_noise = noise + np.where(np.isfinite(truncation), truncation, 0.0)
+        kink = (gap_small > 0.25 * gap_large) & (gap_small > tol.safety * noise)
     kink = np.where(np.isfinite(gap_small) & np.isfinite(gap_large), kink, False)
     return Refined(
         numeric=numeric,
@@ -249,6 +271,9 @@ def refine(
         left=small.left,
         right=small.right,
         one_sided_noise=one_sided_noise,
+        step=np.minimum(small.hp, small.hm),
+        right0=right0,
+        left0=left0,
     )
 
 

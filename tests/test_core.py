@@ -408,3 +408,33 @@ def test_tuple_inputs_are_blocks_and_integer_inputs_pass_through():
     report = check_gradients(TwoInputs(), x, None)
     assert report.passed, str(report)
     assert [b.name for b in report.blocks] == ["W", "V", "input[0]", "input[1]"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_zero_initialised_relu_layer_passes_and_its_bugs_fail(seed):
+    # every hidden unit sits on its kink: one coordinate moves several units across 0 at
+    # once, so relu'(0) = 0 need not lie between the one-sided derivatives of the sum; the
+    # checker verifies the backward just off the kink instead (oracle: the reference MLP)
+    from gradcheck.reference import MLP
+
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+    mlp = MLP([3, 6, 2], activation="relu", seed=seed)
+    mlp.params["W0"][:] = 0.0
+    mlp.params["b0"][:] = 0.0
+    report = check_gradients(mlp, x, y, loss="mse")
+    assert report.passed, str(report)
+    assert report.block("W0").kinks > 0
+    for bug in ("sign_flip", "factor_2", "missing_bias"):
+        assert not check_gradients(mlp.with_bug(bug), x, y, loss="mse").passed, bug
+
+
+def test_relu_mlp_with_a_zero_input_row_passes():
+    from gradcheck.reference import MLP
+
+    mlp = MLP([3, 4, 2], activation="relu", seed=0)
+    mlp.params["b0"][:] = 0.0
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+    x[2] = 0.0
+    assert check_gradients(mlp, x, y, loss="mse").passed
