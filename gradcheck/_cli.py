@@ -1,20 +1,46 @@
-"""The ``gradcheck`` command: ``gradcheck demo`` (and more, see ``gradcheck --help``)."""
+"""The ``gradcheck`` command (also ``python -m gradcheck``).
+
+- ``gradcheck demo``: the reference MLP, correct and buggy, through every installed adapter.
+- ``gradcheck check TARGET``: check the cases a user's function returns; for CI. Exit status
+  0 when every case passes, 1 when any check fails, 2 for usage or import errors and for
+  cases that could not be checked (the message names the case).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
+import json
+import os
 import sys
+import sysconfig
+import threading
+import time
+import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
 from ._api import check_gradients
+from ._errors import GradcheckInputError
+from ._options import MODES, WRTS, CheckOptions
 from ._report import Report
+
+EXIT_PASSED = 0
+EXIT_FAILED = 1
+EXIT_ERROR = 2
 
 #: (framework, the module that must be importable) for every adapter the demo tries
 _FRAMEWORKS = (("numpy", "numpy"), ("torch", "torch"), ("jax", "jax"))
+
+
+def _check_export(export: Callable[[], Any], x: Any, y: Any) -> Callable[[], Report]:
+    """A run that exports the model inside it (an export error then belongs to that case)."""
+    return lambda: check_gradients(export(), x, y, loss="mse")
 
 
 def _demo_cases() -> list[tuple[str, bool, Callable[[], Report]]]:
@@ -27,7 +53,11 @@ def _demo_cases() -> list[tuple[str, bool, Callable[[], Report]]]:
     mlp = MLP([4, 5, 2], activation="tanh", seed=0)
     buggy = mlp.with_bug("wrong_activation_derivative")
     cases: list[tuple[str, bool, Callable[[], Report]]] = [
-        ("numpy: reference MLP 4-5-2, tanh, MSE", True, lambda: check_gradients(mlp, x, y, loss="mse")),
+        (
+            "numpy: reference MLP 4-5-2, tanh, MSE",
+            True,
+            lambda: check_gradients(mlp, x, y, loss="mse"),
+        ),
         (
             "numpy: the same MLP with f(z) where f'(z) belongs in backward",
             False,
@@ -42,7 +72,7 @@ def _demo_cases() -> list[tuple[str, bool, Callable[[], Report]]]:
             (
                 f"{framework}: the reference MLP exported to {framework}",
                 True,
-                lambda export=export: check_gradients(export(), x, y, loss="mse"),
+                _check_export(export, x, y),
             )
         )
         buggy_export = getattr(buggy, f"to_{framework}")
@@ -50,7 +80,7 @@ def _demo_cases() -> list[tuple[str, bool, Callable[[], Report]]]:
             (
                 f"{framework}: the exported MLP with the same bug in a custom backward",
                 False,
-                lambda export=buggy_export: check_gradients(export(), x, y, loss="mse"),
+                _check_export(buggy_export, x, y),
             )
         )
     return cases
@@ -75,6 +105,398 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+# ------------------------------------------------------------------------- gradcheck check
+_CHECK_EPILOG = """\
+TARGET names a function (or a module-level value) in a file or a module:
+  path/to/file.py::name     the file is imported as a script would be (its folder first on sys.path)
+  package.module:name       imported from the current folder or the installed packages
+
+It must give one case, a tuple (model, x, y) or (model, x, y, loss) (y may be None);
+or a list of such cases; or a dict {name: case}. A case may also be a function
+returning a tuple. Each case is checked with gradcheck.check_gradients.
+
+exit status: 0 every case passes; 1 a check fails; 2 a usage or import error, or a
+case that could not be checked (the message names it).
+"""
+
+
+class _UsageError(Exception):
+    """Stops ``gradcheck check`` with exit status 2 and this message."""
+
+
+@dataclass
+class _Case:
+    name: str
+    report: Report | None = None
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        if self.error is not None or self.report is None:
+            return "error"
+        return "pass" if self.report.passed else "fail"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "passed": self.status == "pass",
+            "error": self.error,
+            "report": None if self.report is None else self.report.to_dict(),
+        }
+
+
+def _where(exc: BaseException) -> str:
+    """`` (file, line N)`` of the innermost frame of ``exc``'s traceback, or ``""``."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith(("<", stdlib)) and f.filename != __file__
+    ]
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" ({last.filename}, line {last.lineno})"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}{_where(exc)}"
+
+
+def _import_file(path_text: str) -> Any:
+    path = Path(path_text)
+    if not path.is_file():
+        raise _UsageError(f"no such file: {path_text!r}")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module_name = "_gradcheck_target_" + "".join(c if c.isalnum() else "_" for c in path.stem)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise _UsageError(f"cannot import {path_text!r}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise _UsageError(f"importing {path_text!r} failed: {_describe(exc)}") from exc
+    return module
+
+
+def _import_module(module_name: str) -> Any:
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except Exception as exc:
+        raise _UsageError(f"importing module {module_name!r} failed: {_describe(exc)}") from exc
+
+
+def _resolve_target(target: str) -> tuple[str, Any]:
+    """(the name to show, the object) for ``file.py::name`` or ``package.module:name``."""
+    if "::" in target:
+        where, _, name = target.rpartition("::")
+        module = _import_file(where)
+    elif ":" in target:
+        where, _, name = target.rpartition(":")
+        module = _import_module(where)
+    else:
+        raise _UsageError(
+            f"TARGET must be path/to/file.py::name or package.module:name; got {target!r}"
+        )
+    if not name or not where:
+        raise _UsageError(
+            f"TARGET must be path/to/file.py::name or package.module:name; got {target!r}"
+        )
+    obj = module
+    for part in name.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise _UsageError(f"{where!r} has no attribute {name!r}") from None
+    return name, obj
+
+
+def _as_case(value: Any) -> tuple[Any, Any, Any, Any]:
+    if callable(value) and not isinstance(value, (tuple, list, dict)):
+        try:
+            value = value()
+        except Exception as exc:
+            raise _UsageError(f"building the case raised {_describe(exc)}") from exc
+    if not isinstance(value, tuple) or len(value) not in (3, 4):
+        what = (
+            f"a tuple of length {len(value)}"
+            if isinstance(value, tuple)
+            else f"a {type(value).__name__}"
+        )
+        raise _UsageError(f"expected (model, x, y) or (model, x, y, loss); got {what}")
+    model, x, y, *rest = value
+    return model, x, y, (rest[0] if rest else None)
+
+
+def _collect_cases(name: str, obj: Any) -> list[tuple[str, Any]]:
+    """(case name, case or case builder) for everything TARGET gives, not yet validated."""
+    if callable(obj) and not isinstance(obj, (tuple, list, dict)):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise _UsageError(f"{name}() raised {_describe(exc)}") from exc
+    if isinstance(obj, tuple):
+        return [(name, obj)]
+    if isinstance(obj, dict):
+        cases = [(f"{name}[{key}]", value) for key, value in obj.items()]
+    elif isinstance(obj, list):
+        cases = [(f"{name}[{i}]", value) for i, value in enumerate(obj)]
+    else:
+        raise _UsageError(
+            f"{name} must give a case (model, x, y[, loss]), a list of cases or a dict of "
+            f"named cases; got a {type(obj).__name__}"
+        )
+    if not cases:
+        raise _UsageError(f"{name} gave no cases")
+    return cases
+
+
+class _Output:
+    """stdout that stops writing, quietly, once its reader has gone (``... | head``)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+        self.broken = False
+
+    def write(self, text: str) -> None:
+        if self.broken:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self.broken = True
+            try:  # so that the interpreter's own flush at exit does not complain
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, self.stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
+
+    def flush(self) -> None:
+        pass
+
+
+class _Progress:
+    """A live line on stderr while a case runs, only when stderr is a terminal."""
+
+    def __init__(self, stream: IO[str], total: int) -> None:
+        self.stream = stream
+        self.total = total
+        self.enabled = bool(getattr(stream, "isatty", lambda: False)())
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self, text: str) -> None:
+        self.stream.write("\r\x1b[K" + text)
+        self.stream.flush()
+
+    def start(self, index: int, name: str) -> None:
+        if not self.enabled:
+            return
+        started = time.perf_counter()
+        self._stop.clear()
+
+        def tick() -> None:
+            while True:
+                elapsed = time.perf_counter() - started
+                self._write(f"gradcheck: [{index}/{self.total}] {name} ... {elapsed:.1f}s")
+                if self._stop.wait(0.25):
+                    return
+
+        self._thread = threading.Thread(target=tick, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        self._write("")
+
+
+def _first_line(report: Report) -> str:
+    return str(report).splitlines()[0]
+
+
+def _print_case(case: _Case, out: Any) -> None:
+    if case.report is None:
+        print(f"ERROR {case.name}: {case.error}", file=out)
+        return
+    if case.report.passed:
+        print(f"PASS  {case.name}: {_first_line(case.report)}", file=out)
+        for line in str(case.report).splitlines():
+            if line.startswith("warning: "):
+                print(f"      {line}", file=out)
+        return
+    print(f"FAIL  {case.name}:", file=out)
+    for line in str(case.report).splitlines():
+        print(f"      {line}".rstrip(), file=out)
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    out: Any = _Output(sys.stdout)
+    err: IO[str] = sys.stderr
+    started = time.perf_counter()
+    settings: dict[str, Any] = {
+        "wrt": args.wrt,
+        "mode": args.mode,
+        "seed": args.seed,
+        "rtol": args.rtol,
+        "atol": args.atol,
+        "max_evals": args.max_evals,
+    }
+    cases: list[_Case] = []
+    error: str | None = None
+    try:
+        name, obj = _resolve_target(args.target)
+        todo = _collect_cases(name, obj)
+    except _UsageError as exc:
+        error = str(exc)
+        todo = []
+    progress = _Progress(err, len(todo))
+    for index, (case_name, value) in enumerate(todo, start=1):
+        case = _Case(case_name)
+        cases.append(case)
+        progress.start(index, case_name)
+        try:
+            model, x, y, loss = _as_case(value)
+            case.report = check_gradients(model, x, y, loss=loss, **settings)
+        except _UsageError as exc:
+            case.error = str(exc)
+        except GradcheckInputError as exc:
+            case.error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # the model itself failed: no verdict, name the case
+            case.error = f"the check raised {_describe(exc)}"
+        finally:
+            progress.stop()
+        if args.format == "text":
+            _print_case(case, out)
+    elapsed = time.perf_counter() - started
+    counts = {s: sum(1 for c in cases if c.status == s) for s in ("pass", "fail", "error")}
+    if error is not None or counts["error"]:
+        status = EXIT_ERROR
+    elif counts["fail"]:
+        status = EXIT_FAILED
+    else:
+        status = EXIT_PASSED
+    document = {
+        "target": args.target,
+        "passed": status == EXIT_PASSED,
+        "exit_status": status,
+        "error": error,
+        "options": settings,
+        "summary": {
+            "cases": len(cases),
+            "passed": counts["pass"],
+            "failed": counts["fail"],
+            "errors": counts["error"],
+            "elapsed": elapsed,
+        },
+        "cases": [c.to_dict() for c in cases],
+    }
+    if error is not None:
+        print(f"gradcheck check: error: {error}", file=err)
+    if args.format == "json":
+        json.dump(document, out, indent=2)
+        out.write("\n")
+    elif error is None:
+        print(
+            f"gradcheck: {len(cases)} case{'s' if len(cases) != 1 else ''}: "
+            f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} "
+            f"error{'s' if counts['error'] != 1 else ''} ({elapsed:.2f}s)",
+            file=out,
+        )
+    if args.json is not None:
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"gradcheck check: error: cannot write {args.json!r}: {exc}", file=err)
+            return EXIT_ERROR
+    return status
+
+
+def _float_arg(name: str) -> Callable[[str], float]:
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number; got {text!r}") from None
+        try:
+            CheckOptions(rtol=value) if name == "rtol" else CheckOptions(atol=value)
+        except GradcheckInputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+
+    return convert
+
+
+def _max_evals_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int; got {text!r}")
+    return value
+
+
+def _add_check(sub: Any) -> None:
+    check = sub.add_parser(
+        "check",
+        help="check the cases a function returns (for CI)",
+        description="Check the gradients of the models in TARGET; for CI.",
+        epilog=_CHECK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument(
+        "target", metavar="TARGET", help="path/to/file.py::name or package.module:name"
+    )
+    check.add_argument("--mode", choices=MODES, default="auto", help="check mode (default: auto)")
+    check.add_argument(
+        "--seed", type=int, default=0, help="seed of every random choice (default: 0)"
+    )
+    check.add_argument(
+        "--wrt", choices=WRTS, default="all", help="which blocks to check (default: all)"
+    )
+    check.add_argument(
+        "--rtol", type=_float_arg("rtol"), default=None, help="relative tolerance (default: table)"
+    )
+    check.add_argument(
+        "--atol",
+        type=_float_arg("atol"),
+        default=None,
+        help="absolute tolerance, relative to each block's largest gradient (default: table)",
+    )
+    check.add_argument(
+        "--max-evals",
+        type=_max_evals_arg,
+        default=None,
+        metavar="N",
+        help="cap on loss evaluations per case; a case that reaches it fails",
+    )
+    check.add_argument(
+        "--json", metavar="FILE", default=None, help="also write the results as JSON"
+    )
+    check.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="what to print on stdout (default: text)",
+    )
+    check.set_defaults(run=_run_check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradcheck", description="Check analytical gradients against numerical derivatives."
@@ -82,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="check the reference MLP through every installed adapter")
     demo.set_defaults(run=_demo)
+    _add_check(sub)
     return parser
 
 

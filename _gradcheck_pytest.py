@@ -1,0 +1,409 @@
+"""The pytest plugin of gradcheck: the ``gradcheck`` fixture, marker, options and JSON report.
+
+pytest loads this module in every session of every user who installs gradcheck
+(the ``pytest11`` entry point ``gradcheck``), so it imports only pytest and the
+standard library at top level; gradcheck itself (and NumPy) is imported the
+first time a test calls the fixture. ``-p no:gradcheck`` disables it.
+
+Settings resolve, per option: keyword argument of the fixture call >
+``@pytest.mark.gradcheck(...)`` (the closest marker wins) > ``--gradcheck-*``
+command-line option > ``gradcheck_*`` ini key > the default of
+``gradcheck.check_gradients``.
+
+Under pytest-xdist every worker hands its reports to the controller through
+``workeroutput``; the controller merges them, prints the summary and writes
+the ``--gradcheck-report`` file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from gradcheck import Report
+
+#: The settings a marker, option or ini key can give, with check_gradients' defaults.
+SETTINGS: dict[str, Any] = {
+    "mode": "auto",
+    "seed": 0,
+    "rtol": None,
+    "atol": None,
+    "max_evals": None,
+}
+#: The keywords of ``@pytest.mark.gradcheck(...)``: the settings, plus which blocks to check.
+MARKER_KEYWORDS: tuple[str, ...] = (*SETTINGS, "wrt")
+#: The keywords of a fixture call, besides ``model``, ``x`` and ``y``.
+CALL_KEYWORDS: tuple[str, ...] = (*MARKER_KEYWORDS, "loss")
+
+MODES = ("auto", "full", "fast")
+WRTS = ("all", "params", "inputs")
+_WORKER_KEY = "gradcheck_records"
+_REPORT_FORMAT = 1
+
+
+@dataclass
+class _Session:
+    """What the plugin keeps for one pytest session (in ``config.stash``)."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    report_path: Path | None = None
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def add(self, nodeid: str, report: Report) -> None:
+        index = self.calls.get(nodeid, 0)
+        self.calls[nodeid] = index + 1
+        self.records.append(
+            {"nodeid": nodeid, "call": index, "passed": report.passed, "report": report.to_dict()}
+        )
+
+
+_SESSION = pytest.StashKey[_Session]()
+
+
+# ------------------------------------------------------------------------- parsing values
+def _parse_float(name: str, value: Any) -> float:
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0; got {value!r}") from None
+    if not math.isfinite(result) or result < 0:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
+    return result
+
+
+def _parse_int(name: str, value: Any, minimum: int | None = None) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int; got {value!r}")
+    try:
+        result = int(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{name} must be an int; got {value!r}") from None
+    if minimum is not None and result < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return result
+
+
+def _parse_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    text = str(value).strip()
+    if text not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return text
+
+
+def _parse_setting(key: str, value: Any) -> Any:
+    """A command-line or ini setting (a string there) as check_gradients takes it."""
+    if key == "mode":
+        return _parse_choice(key, value, MODES)
+    if key == "seed":
+        return _parse_int(key, value)
+    if key == "max_evals":
+        if str(value).strip().lower() in ("", "none"):
+            return None
+        return _parse_int(key, value, minimum=1)
+    if str(value).strip().lower() in ("", "none", "default"):
+        return None
+    return _parse_float(key, value)
+
+
+def _argtype(key: str) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        import argparse
+
+        try:
+            return _parse_setting(key, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = key  # argparse names the converter in its error messages
+    return convert
+
+
+# ------------------------------------------------------------------------------ hooks
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("gradcheck", "gradcheck: gradient checks of custom layers")
+    helps = {
+        "mode": "check mode: auto (default), full (every entry) or fast (random directions)",
+        "seed": "seed of every random choice of a check (default 0)",
+        "rtol": "relative tolerance (default: gradcheck.TOLERANCES for the model's precision)",
+        "atol": "absolute tolerance, relative to each block's largest gradient "
+        "(default: the table)",
+        "max_evals": "cap on loss evaluations per check; a check that reaches it fails",
+    }
+    metavars = {"mode": "MODE", "seed": "INT", "rtol": "FLOAT", "atol": "FLOAT", "max_evals": "N"}
+    for key, text in helps.items():
+        flag = "--gradcheck-" + key.replace("_", "-")
+        group.addoption(
+            flag,
+            dest=f"gradcheck_{key}",
+            default=None,
+            metavar=metavars[key],
+            type=_argtype(key),
+            help=f"{text}. Ini key: gradcheck_{key}.",
+        )
+        parser.addini(f"gradcheck_{key}", f"gradcheck: {text}", type="string", default="")
+    group.addoption(
+        "--gradcheck-report",
+        dest="gradcheck_report",
+        default=None,
+        metavar="FILE.json",
+        help="write every gradient check of the session to FILE.json (works under pytest-xdist). "
+        "Ini key: gradcheck_report.",
+    )
+    parser.addini(
+        "gradcheck_report",
+        "gradcheck: write every check of the session to this JSON file",
+        default="",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "gradcheck(**options): options for the `gradcheck` fixture in this test "
+        f"({', '.join(MARKER_KEYWORDS)}); a keyword given to the fixture call wins.",
+    )
+    state = _Session()
+    path = config.getoption("gradcheck_report") or str(config.getini("gradcheck_report")).strip()
+    if path:
+        state.report_path = Path(config.invocation_params.dir, path)
+    config.stash[_SESSION] = state
+    # Fail early, as a usage error, on a malformed ini value.
+    _session_settings(config)
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    """The effective session settings, when any was set or with ``-v``."""
+    settings, sources = _session_settings(config)
+    state = config.stash[_SESSION]
+    if not sources and state.report_path is None and config.get_verbosity() < 1:
+        return None
+    shown = ", ".join(
+        f"{k}={'table default' if v is None and k in ('rtol', 'atol') else v}"
+        for k, v in settings.items()
+    )
+    line = f"gradcheck: {shown}"
+    if state.report_path is not None:
+        line += f"; report: {state.report_path}"
+    return line
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Reject a ``gradcheck`` marker with positional arguments or an unknown keyword."""
+    for marker in item.iter_markers("gradcheck"):
+        _check_marker(marker)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    state = config.stash.get(_SESSION, None)
+    if state is None:
+        return
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:  # an xdist worker: the controller merges and writes
+        workeroutput[_WORKER_KEY] = json.dumps(state.records)
+        return
+    if state.report_path is not None:
+        _write_report(state)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist, on the controller: collect the records of a finished worker."""
+    state = node.config.stash.get(_SESSION, None)
+    output = getattr(node, "workeroutput", None) or {}
+    if state is not None and _WORKER_KEY in output:
+        state.records.extend(json.loads(output[_WORKER_KEY]))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    state = config.stash.get(_SESSION, None)
+    if state is None or not state.records or hasattr(config, "workeroutput"):
+        return
+    terminalreporter.write_sep("-", "gradcheck")
+    for line in _summary_lines(state):
+        terminalreporter.write_line(line)
+
+
+# ---------------------------------------------------------------------------- fixture
+class GradcheckFixture:
+    """The ``gradcheck`` fixture's value: ``gradcheck(model, x, y=None, **options)``."""
+
+    def __init__(self, config: pytest.Config, node: pytest.Item) -> None:
+        self._config = config
+        self._node = node
+
+    def __repr__(self) -> str:
+        return f"<gradcheck fixture of {self._node.nodeid}>"
+
+    def settings(self, **options: Any) -> dict[str, Any]:
+        """The keyword arguments a call with ``options`` passes to ``check_gradients``."""
+        __tracebackhide__ = True
+        unknown = sorted(set(options) - set(CALL_KEYWORDS))
+        if unknown:
+            raise TypeError(
+                f"gradcheck() got unknown keyword {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(CALL_KEYWORDS)}"
+            )
+        settings, _ = _session_settings(self._config)
+        settings.update(_marker_options(self._node))
+        settings.update(options)
+        return settings
+
+    def __call__(self, model: Any, x: Any = None, y: Any = None, **options: Any) -> Report:
+        __tracebackhide__ = True
+        settings = self.settings(**options)
+
+        from gradcheck import GradientCheckError, check_gradients
+
+        report = check_gradients(model, x, y, **settings)
+        self._config.stash[_SESSION].add(self._node.nodeid, report)
+        if not report.passed:
+            raise GradientCheckError(report)
+        return report
+
+
+@pytest.fixture
+def gradcheck(request: pytest.FixtureRequest) -> GradcheckFixture:
+    """Check a model's gradients: ``gradcheck(model, x, y=None, **options) -> Report``.
+
+    Takes the arguments of :func:`gradcheck.check_gradients`. Returns the report
+    when the gradients agree; otherwise the test fails with the report's text
+    (a :class:`gradcheck.GradientCheckError`, so ``pytest.raises`` can expect it).
+    Options not given resolve through ``@pytest.mark.gradcheck(...)``, the
+    ``--gradcheck-*`` options, the ``gradcheck_*`` ini keys and the defaults.
+    ``gradcheck.settings(**options)`` shows what a call would use.
+    """
+    return GradcheckFixture(request.config, request.node)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _session_settings(config: pytest.Config) -> tuple[dict[str, Any], dict[str, str]]:
+    """The settings from command line > ini > default, and where each non-default came from."""
+    settings = dict(SETTINGS)
+    sources: dict[str, str] = {}
+    for key in SETTINGS:
+        value = config.getoption(f"gradcheck_{key}", None)
+        if value is not None:
+            settings[key] = value
+            sources[key] = "command line"
+            continue
+        raw = config.getini(f"gradcheck_{key}")
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            continue
+        try:
+            settings[key] = _parse_setting(key, raw)
+        except ValueError as exc:
+            raise pytest.UsageError(f"ini key gradcheck_{key}: {exc}") from None
+        sources[key] = "ini"
+    return settings, sources
+
+
+def _check_marker(marker: pytest.Mark) -> None:
+    __tracebackhide__ = True
+    allowed = ", ".join(MARKER_KEYWORDS)
+    if marker.args:
+        pytest.fail(
+            f"@pytest.mark.gradcheck takes keyword arguments only ({allowed}); "
+            f"got positional {marker.args!r}",
+            pytrace=False,
+        )
+    unknown = sorted(set(marker.kwargs) - set(MARKER_KEYWORDS))
+    if unknown:
+        names = ", ".join(repr(k) for k in unknown)
+        pytest.fail(
+            f"@pytest.mark.gradcheck got unknown keyword {names}; allowed: {allowed}",
+            pytrace=False,
+        )
+
+
+def _marker_options(node: pytest.Item) -> dict[str, Any]:
+    """The options of every ``gradcheck`` marker on the test, the closest one winning."""
+    options: dict[str, Any] = {}
+    for marker in reversed(list(node.iter_markers("gradcheck"))):
+        _check_marker(marker)
+        options.update(marker.kwargs)
+    return options
+
+
+def _failed_blocks(records: Iterable[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for record in records:
+        for block in record["report"]["blocks"]:
+            if not block["passed"]:
+                yield record["nodeid"], block
+
+
+def _as_float(value: Any) -> float:
+    return float(value)  # to_dict writes non-finite floats as "inf"/"nan"; float() reads them
+
+
+def _summary_lines(state: _Session) -> list[str]:
+    records = state.records
+    failed = [r for r in records if not r["passed"]]
+    tests = {r["nodeid"] for r in records}
+    blocks = sum(len(r["report"]["blocks"]) for r in records)
+    entries = sum(int(r["report"]["entries_checked"]) for r in records)
+    elapsed = sum(float(r["report"]["elapsed"]) for r in records)
+    evaluations = sum(int(r["report"]["evaluations"]) for r in records)
+    lines = [
+        f"models checked: {len(records)} in {len(tests)} test{'s' if len(tests) != 1 else ''}; "
+        f"failed: {len(failed)}",
+        f"blocks checked: {blocks:,}; entries/directions checked: {entries:,}; "
+        f"evaluations: {evaluations:,}",
+    ]
+    bad = list(_failed_blocks(records))
+    if bad:
+        nodeid, block = max(
+            bad, key=lambda nb: (_as_float(nb[1]["max_rel_diff"]), _as_float(nb[1]["max_abs_diff"]))
+        )
+        abs_diff, rel_diff = _as_float(block["max_abs_diff"]), _as_float(block["max_rel_diff"])
+        lines.append(
+            f"worst error: `{block['name']}` in {nodeid}: max abs diff {abs_diff:.1e}, "
+            f"max rel diff {rel_diff:.1e} ({block['mismatches']} of {block['checked']} mismatched)"
+        )
+    else:
+        inconclusive = [r for r in failed if r["report"]["problem"]]
+        lines.append(
+            "worst error: none (every checked entry within tolerance"
+            + (f"; {len(inconclusive)} inconclusive)" if inconclusive else ")")
+        )
+    lines.append(f"time in checks: {elapsed:.2f}s")
+    if state.report_path is not None:
+        lines.append(f"report: {state.report_path}")
+    return lines
+
+
+def _write_report(state: _Session) -> None:
+    records = sorted(state.records, key=lambda r: (r["nodeid"], r["call"]))
+    try:
+        from importlib.metadata import version
+
+        gradcheck_version = version("gradcheck")
+    except Exception:  # pragma: no cover - not installed as a distribution
+        gradcheck_version = None
+    document = {
+        "format": _REPORT_FORMAT,
+        "gradcheck_version": gradcheck_version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "summary": {
+            "checks": len(records),
+            "passed": sum(1 for r in records if r["passed"]),
+            "failed": sum(1 for r in records if not r["passed"]),
+        },
+        "checks": records,
+    }
+    path = state.report_path
+    assert path is not None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,340 @@
+"""The ``gradcheck`` command: ``gradcheck check TARGET`` (exit statuses, text and JSON) and
+``python -m gradcheck``. Most runs call ``main`` in-process; two use a subprocess."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gradcheck._cli import main
+
+CASES = """
+import numpy as np
+from gradcheck.reference import MLP
+
+X = np.random.default_rng(0).normal(size=(4, 2))
+Y = np.random.default_rng(1).normal(size=(4, 1))
+GOOD = MLP([2, 3, 1], activation="tanh", seed=0)
+
+
+def good():
+    return GOOD, X, Y
+
+
+def good_with_loss():
+    return GOOD, X, Y, "mse"
+
+
+def mixed():
+    return {"good": good(), "bad": (GOOD.with_bug("factor_2"), X, Y, "mse")}
+
+
+def as_list():
+    return [good, (GOOD.with_bug("sign_flip"), X, None)]
+
+
+def not_a_model():
+    return [good(), (object(), X, Y)]
+
+
+def short_case():
+    return {"fine": good(), "short": (GOOD, X)}
+
+
+def raises():
+    raise RuntimeError("cannot build the cases")
+
+
+def empty():
+    return []
+
+
+def not_cases():
+    return 42
+
+
+def model_crashes():
+    class Crashing:
+        params = GOOD.params
+        grads = GOOD.grads
+
+        def forward(self, x):
+            raise FloatingPointError("the forward pass blew up")
+
+        def backward(self, dout):
+            return dout
+
+    return Crashing(), X, Y
+
+
+CONSTANT = {"only": (GOOD, X, Y)}
+"""
+
+
+@pytest.fixture(autouse=True)
+def _restore_import_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``gradcheck check`` puts folders on sys.path and imports modules: undo both."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith(("_gradcheck_target_", "cli_cases")):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def cases(tmp_path: Path) -> Path:
+    path = tmp_path / "cases.py"
+    path.write_text(CASES, encoding="utf-8")
+    return path
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# --------------------------------------------------------------------- exit statuses
+def test_all_pass_exits_0(cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(["check", f"{cases}::good"], capsys)
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("PASS  good: gradients agree in all 5 blocks (checked 21 entries")
+    assert lines[-1].startswith("gradcheck: 1 case: 1 passed, 0 failed, 0 errors (")
+    assert err == ""  # stderr is not a terminal here: no progress line
+
+
+def test_a_failure_exits_1_and_shows_the_culprit(
+    cases: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run(["check", f"{cases}::mixed"], capsys)
+    assert status == 1
+    assert "PASS  mixed[good]: gradients agree" in out
+    assert "FAIL  mixed[bad]:\n      gradients disagree in 1 of 5 blocks" in out
+    assert "      `W0`  shape (3, 2)\n        mismatched: 6 / 6 entries (100.0%)" in out
+    assert "diagnosis: analytic / numeric = 2 at every entry" in out
+    assert out.splitlines()[-1].startswith("gradcheck: 2 cases: 1 passed, 1 failed, 0 errors")
+
+
+def test_list_of_cases_and_case_builders(cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(["check", f"{cases}::as_list"], capsys)
+    assert status == 1
+    assert "PASS  as_list[0]:" in out
+    assert "FAIL  as_list[1]:" in out
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("{cases}", "TARGET must be path/to/file.py::name or package.module:name; got "),
+        ("{cases}::", "TARGET must be path/to/file.py::name or package.module:name; got "),
+        ("{folder}/missing.py::good", "no such file: "),
+        ("{cases}::nope", "'{cases}' has no attribute 'nope'"),
+        ("{cases}::raises", "raises() raised RuntimeError: cannot build the cases ({cases}, line"),
+        ("{cases}::empty", "empty gave no cases"),
+        ("{cases}::not_cases", "not_cases must give a case (model, x, y[, loss]), a list of cases"),
+        ("no_such_module_xyz:cases", "importing module 'no_such_module_xyz' failed: Module"),
+    ],
+    ids=[
+        "no-name",
+        "empty-name",
+        "missing-file",
+        "missing-name",
+        "raises",
+        "empty",
+        "int",
+        "module",
+    ],
+)
+def test_usage_and_import_errors_exit_2(
+    cases: Path, capsys: pytest.CaptureFixture[str], target: str, message: str
+) -> None:
+    fill = {"cases": cases, "folder": cases.parent}
+    status, out, err = run(["check", target.format(**fill)], capsys)
+    assert status == 2
+    assert err.startswith("gradcheck check: error: " + message.format(**fill)), err
+    assert out == ""
+
+
+def test_import_error_names_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "broken.py"
+    path.write_text("import math\n\nVALUE = 1 / 0\n", encoding="utf-8")
+    status, _, err = run(["check", f"{path}::cases"], capsys)
+    assert status == 2
+    assert err == (
+        f"gradcheck check: error: importing '{path}' failed: "
+        f"ZeroDivisionError: division by zero ({path}, line 3)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("target", "case", "message"),
+    [
+        ("not_a_model", "not_a_model[1]", "UnsupportedModelError: cannot check a model of type"),
+        (
+            "short_case",
+            "short_case[short]",
+            "expected (model, x, y) or (model, x, y, loss); got a tuple of length 2",
+        ),
+        (
+            "model_crashes",
+            "model_crashes",
+            "the check raised FloatingPointError: the forward pass blew up (",
+        ),
+    ],
+    ids=["unsupported-model", "short-tuple", "model-raises"],
+)
+def test_a_case_that_cannot_be_checked_exits_2_and_is_named(
+    cases: Path, capsys: pytest.CaptureFixture[str], target: str, case: str, message: str
+) -> None:
+    status, out, _ = run(["check", f"{cases}::{target}"], capsys)
+    assert status == 2
+    assert f"ERROR {case}: {message}" in out, out
+
+
+def test_bad_option_is_a_usage_error(cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["--mode", "fastest"], ["--rtol", "-1"], ["--max-evals", "0"], ["--wrt", "x"]):
+        with pytest.raises(SystemExit) as info:
+            main(["check", f"{cases}::good", *argv])
+        assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --rtol: rtol must be a finite number >= 0; got -1.0" in err
+
+
+# ------------------------------------------------------------------------ formats
+def test_json_format_on_stdout(cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(["check", f"{cases}::mixed", "--format", "json"], capsys)
+    assert status == 1
+    document = json.loads(out)
+    assert document["passed"] is False
+    assert document["exit_status"] == 1
+    assert document["summary"]["cases"] == 2
+    assert (document["summary"]["passed"], document["summary"]["failed"]) == (1, 1)
+    by_name = {c["name"]: c for c in document["cases"]}
+    assert by_name["mixed[good]"]["status"] == "pass"
+    bad = by_name["mixed[bad]"]
+    assert bad["status"] == "fail"
+    assert [b["name"] for b in bad["report"]["blocks"] if not b["passed"]] == ["W0"]
+
+
+def test_json_file_with_text_format(
+    cases: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "out" / "results.json"
+    status, out, _ = run(["check", f"{cases}::not_a_model", "--json", str(target)], capsys)
+    assert status == 2
+    assert out.startswith("PASS  not_a_model[0]")
+    document = json.loads(target.read_text(encoding="utf-8"))
+    assert [c["status"] for c in document["cases"]] == ["pass", "error"]
+    assert document["cases"][1]["error"].startswith("UnsupportedModelError: ")
+    assert document["summary"]["errors"] == 1
+
+
+def test_json_format_reports_an_import_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(["check", f"{tmp_path}/nothing.py::x", "--format=json"], capsys)
+    assert status == 2
+    document = json.loads(out)
+    assert document["error"].startswith("no such file: ")
+    assert document["cases"] == []
+    assert err.startswith("gradcheck check: error: no such file: ")
+
+
+def test_options_reach_the_check(cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--mode", "fast", "--seed", "3", "--wrt", "params", "--rtol", "1e-5", "--atol=1e-7"]
+    status, out, _ = run(["check", f"{cases}::good_with_loss", *argv, "--format=json"], capsys)
+    assert status == 0
+    document = json.loads(out)
+    assert document["options"] == {
+        "wrt": "params",
+        "mode": "fast",
+        "seed": 3,
+        "rtol": 1e-5,
+        "atol": 1e-7,
+        "max_evals": None,
+    }
+    report: dict[str, Any] = document["cases"][0]["report"]
+    assert (report["mode"], report["seed"], report["rtol"], report["atol"]) == (
+        "fast",
+        3,
+        1e-5,
+        1e-7,
+    )
+    assert [b["name"] for b in report["blocks"]] == ["W0", "b0", "W1", "b1"]
+
+
+def test_max_evals_reaching_the_cap_fails(cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(["check", f"{cases}::good", "--max-evals", "3"], capsys)
+    assert status == 1
+    assert "FAIL  good:" in out
+
+
+def test_module_target_and_non_callable_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    package = tmp_path / "cli_cases_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("", encoding="utf-8")
+    (package / "layers.py").write_text(CASES, encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    status, out, _ = run(["check", "cli_cases_pkg.layers:CONSTANT"], capsys)
+    assert status == 0
+    assert out.startswith("PASS  CONSTANT[only]: gradients agree")
+
+
+# ----------------------------------------------------------------------- progress
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_only_on_a_terminal(
+    cases: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["check", f"{cases}::mixed"]) == 1
+    progress = terminal.getvalue()
+    assert "\r\x1b[Kgradcheck: [1/2] mixed[good] ... " in progress
+    assert "\r\x1b[Kgradcheck: [2/2] mixed[bad] ... " in progress
+    assert progress.endswith("\r\x1b[K")  # the line is cleared when a case ends
+    assert "\x1b" not in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- subprocess
+def test_python_m_gradcheck(cases: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "gradcheck", "check", f"{cases}::mixed", "--format", "json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == ""
+    assert json.loads(done.stdout)["summary"]["failed"] == 1
+
+
+def test_help_lists_both_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out
+    assert "check" in out
+    with pytest.raises(SystemExit):
+        main(["check", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--mode", "--seed", "--wrt", "--rtol", "--atol", "--max-evals", "--json"):
+        assert option in out
+    assert "exit status: 0 every case passes; 1 a check fails; 2 a usage or import error" in out

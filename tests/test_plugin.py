@@ -1,0 +1,513 @@
+"""The pytest plugin (``_gradcheck_pytest``), run through pytester.
+
+Most runs are in-process (fast); the pytest-xdist run and the import-cost check
+use a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import gradcheck.reference  # noqa: F401  (loaded once here, not again by every in-process run)
+
+pytest_plugins = ["pytester"]
+
+#: Keep other installed plugins out of the inner runs (Hypothesis' summary imports all of
+#: Hypothesis, which pytester unloads after every in-process run).
+ISOLATE = ("-p", "no:hypothesispytest", "-p", "no:jaxtyping")
+
+#: Shared by the inner test files: the reference MLP, a correct and a buggy copy.
+MODELS = """
+import numpy as np
+import pytest
+from gradcheck.reference import MLP
+
+X = np.random.default_rng(0).normal(size=(4, 2))
+Y = np.random.default_rng(1).normal(size=(4, 1))
+GOOD = MLP([2, 3, 1], activation="tanh", seed=0)
+BAD = GOOD.with_bug("one_entry")
+"""
+
+
+def _write_tests(pytester: pytest.Pytester, body: str, name: str = "test_models") -> Path:
+    return pytester.makepyfile(**{name: MODELS + textwrap.dedent(body)})
+
+
+def _read_report(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _seeds(document: dict[str, Any]) -> dict[str, int]:
+    return {c["nodeid"].split("::")[-1]: c["report"]["seed"] for c in document["checks"]}
+
+
+# ------------------------------------------------------------------------ registration
+def test_help_lists_options_and_ini_keys(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(*ISOLATE, "--help")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["gradcheck: gradient checks of custom layers:"])
+    for option in ("mode", "seed", "rtol", "atol", "max-evals", "report"):
+        result.stdout.fnmatch_lines([f"*--gradcheck-{option}*"])
+        result.stdout.fnmatch_lines([f"*gradcheck_{option.replace('-', '_')} (string)*"])
+    assert "--gradcheck-dtype" not in result.stdout.str()
+
+
+def test_marker_is_registered(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest(*ISOLATE, "--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.gradcheck(**options):*"])
+
+
+def test_disabled_with_p_no_gradcheck(pytester: pytest.Pytester) -> None:
+    help_text = pytester.runpytest(*ISOLATE, "-p", "no:gradcheck", "--help").stdout.str()
+    assert "--gradcheck-mode" not in help_text
+    _write_tests(
+        pytester,
+        """
+        def test_uses_fixture(gradcheck):
+            gradcheck(GOOD, X, Y)
+        """,
+    )
+    result = pytester.runpytest(*ISOLATE, "-p", "no:gradcheck")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'gradcheck' not found*"])
+
+
+def test_plugin_module_imports_only_pytest() -> None:
+    code = (
+        "import sys, _gradcheck_pytest; "
+        "bad = sorted(m for m in ('numpy', 'gradcheck', 'torch', 'jax') if m in sys.modules); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# ----------------------------------------------------------------------------- fixture
+def test_passing_run_returns_report_and_prints_summary(pytester: pytest.Pytester) -> None:
+    _write_tests(
+        pytester,
+        """
+        def test_good(gradcheck):
+            report = gradcheck(GOOD, X, Y, loss="mse")
+            assert report.passed
+            assert report.block("W0").mismatches == 0
+            assert report.framework == "numpy"
+        """,
+    )
+    result = pytester.runpytest(*ISOLATE)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- gradcheck -*",
+            "models checked: 1 in 1 test; failed: 0",
+            "blocks checked: 5; entries/directions checked: 21; evaluations: *",
+            "worst error: none (every checked entry within tolerance)",
+            "time in checks: *s",
+        ]
+    )
+
+
+def test_no_summary_without_checks(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile("def test_plain():\n    assert True\n")
+    result = pytester.runpytest(*ISOLATE)
+    result.assert_outcomes(passed=1)
+    assert "models checked" not in result.stdout.str()
+    assert "gradcheck:" not in result.stdout.str()  # no header line either
+
+
+def test_failing_run_names_block_and_worst_entry(pytester: pytest.Pytester) -> None:
+    _write_tests(
+        pytester,
+        """
+        def test_bad(gradcheck):
+            gradcheck(BAD, X, Y, loss="mse")
+        """,
+    )
+    result = pytester.runpytest(*ISOLATE)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            # the user's own line, then our message
+            '>       gradcheck(BAD, X, Y, loss="mse")',
+            "E       gradcheck._errors.GradientCheckError: gradients disagree in 1 of 5 blocks *",
+            "E       `W0`  shape (3, 2)",
+            "E         mismatched: 1 / 6 entries (16.7%)*",
+            "E         index      analytic      numeric (± est. error)  abs diff",
+            "E         (1, 1)  *",
+            "E         diagnosis: only 1 of 6 entries disagree*",
+            "E       passed: `b0` (3,), `W1` (1, 3), `b1` (1,), `input` (4, 2)",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "models checked: 1 in 1 test; failed: 1",
+            "worst error: `W0` in test_models.py::test_bad: max abs diff *, max rel diff *"
+            " (1 of 6 mismatched)",
+        ]
+    )
+    # the traceback stops at the user's line: none of the plugin's frames
+    assert "_gradcheck_pytest.py" not in result.stdout.str()
+    assert "<gradcheck fixture of test_models.py::test_bad>" in result.stdout.str()
+
+
+def test_failure_can_be_expected_with_pytest_raises(pytester: pytest.Pytester) -> None:
+    _write_tests(
+        pytester,
+        """
+        from gradcheck import GradientCheckError
+
+        def test_catches_the_bug(gradcheck):
+            with pytest.raises(GradientCheckError) as info:
+                gradcheck(BAD, X, Y)
+            assert [b.name for b in info.value.report.failed_blocks] == ["W0"]
+            assert info.value.report.block("W0").worst[0].index == (1, 1)
+        """,
+    )
+    pytester.runpytest(*ISOLATE).assert_outcomes(passed=1)
+
+
+def test_unknown_call_keyword_is_a_type_error(pytester: pytest.Pytester) -> None:
+    _write_tests(
+        pytester,
+        """
+        def test_typo(gradcheck):
+            gradcheck(GOOD, X, Y, mdoe="full")
+        """,
+    )
+    result = pytester.runpytest(*ISOLATE)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["E * TypeError: gradcheck() got unknown keyword 'mdoe'; allowed: mode, seed, *, loss"]
+    )
+
+
+def test_invalid_option_value_names_it(pytester: pytest.Pytester) -> None:
+    _write_tests(
+        pytester,
+        """
+        @pytest.mark.gradcheck(mode="fastest")
+        def test_bad_mode(gradcheck):
+            gradcheck(GOOD, X, Y)
+        """,
+    )
+    result = pytester.runpytest(*ISOLATE)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*InvalidOptionError: mode must be one of*'fastest'*"])
+
+
+# ----------------------------------------------------------------------------- markers
+def test_unknown_marker_keyword_errors(pytester: pytest.Pytester) -> None:
+    _write_tests(
+        pytester,
+        """
+        @pytest.mark.gradcheck(mdoe="full")
+        def test_typo(gradcheck):
+            gradcheck(GOOD, X, Y)
+
+        @pytest.mark.gradcheck("full")
+        def test_positional():
+            pass
+
+        @pytest.mark.gradcheck(mode="full")
+        def test_fine(gradcheck):
+            gradcheck(GOOD, X, Y)
+        """,
+    )
+    result = pytester.runpytest(*ISOLATE)
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of test_typo*",
+            "@pytest.mark.gradcheck got unknown keyword 'mdoe'; "
+            "allowed: mode, seed, rtol, atol, max_evals, wrt",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        ["@pytest.mark.gradcheck takes keyword arguments only (*); got positional ('full',)"]
+    )
+
+
+def test_marker_wrt_and_mode(pytester: pytest.Pytester) -> None:
+    _write_tests(
+        pytester,
+        """
+        @pytest.mark.gradcheck(wrt="params", mode="fast")
+        def test_params_fast(gradcheck):
+            report = gradcheck(GOOD, X, Y)
+            assert report.mode == "fast"
+            assert [b.name for b in report.blocks] == ["W0", "b0", "W1", "b1"]
+        """,
+    )
+    pytester.runpytest(*ISOLATE).assert_outcomes(passed=1)
+
+
+# ------------------------------------------------------------------------- precedence
+PRECEDENCE_TESTS = """
+def test_default(gradcheck):
+    gradcheck(GOOD, X, Y)
+
+@pytest.mark.gradcheck(seed=30)
+def test_marker(gradcheck):
+    gradcheck(GOOD, X, Y)
+
+@pytest.mark.gradcheck(seed=30)
+def test_keyword(gradcheck):
+    gradcheck(GOOD, X, Y, seed=40)
+
+@pytest.mark.gradcheck(seed=50, rtol=1e-4)
+class TestClass:
+    @pytest.mark.gradcheck(seed=60)
+    def test_closest_marker(self, gradcheck):
+        report = gradcheck(GOOD, X, Y)
+        assert report.rtol == 1e-4  # the class marker still gives what the closer one leaves
+
+    def test_keyword_over_class(self, gradcheck):
+        gradcheck(GOOD, X, Y, seed=70)
+"""
+
+
+@pytest.mark.parametrize(
+    ("ini", "cmdline", "default_seed"),
+    [
+        (None, None, 0),
+        ("gradcheck_seed = 10", None, 10),
+        (None, "--gradcheck-seed=20", 20),
+        ("gradcheck_seed = 10", "--gradcheck-seed=20", 20),
+    ],
+    ids=["default", "ini", "cmdline", "cmdline-over-ini"],
+)
+def test_precedence_keyword_marker_cmdline_ini_default(
+    pytester: pytest.Pytester, ini: str | None, cmdline: str | None, default_seed: int
+) -> None:
+    if ini is not None:
+        pytester.makeini(f"[pytest]\n{ini}\n")
+    _write_tests(pytester, PRECEDENCE_TESTS)
+    args = ["--gradcheck-report=out.json"] + ([cmdline] if cmdline else [])
+    result = pytester.runpytest(*ISOLATE, *args)
+    result.assert_outcomes(passed=5)
+    assert _seeds(_read_report(pytester.path / "out.json")) == {
+        "test_default": default_seed,
+        "test_marker": 30,
+        "test_keyword": 40,
+        "test_closest_marker": 60,
+        "test_keyword_over_class": 70,
+    }
+
+
+def test_ini_keys_and_command_line_options(pytester: pytest.Pytester) -> None:
+    pytester.makepyprojecttoml(
+        """
+        [tool.pytest.ini_options]
+        gradcheck_mode = "fast"
+        gradcheck_rtol = "1e-5"
+        gradcheck_atol = 1e-7
+        gradcheck_max_evals = 1000
+        gradcheck_report = "reports/gradcheck.json"
+        """
+    )
+    _write_tests(
+        pytester,
+        """
+        def test_settings(gradcheck):
+            assert gradcheck.settings() == {
+                "mode": "fast", "seed": 0, "rtol": 1e-5, "atol": 1e-7, "max_evals": 1000,
+            }
+            report = gradcheck(GOOD, X, Y)
+            assert (report.mode, report.rtol, report.atol) == ("fast", 1e-5, 1e-7)
+
+        def test_settings_cmdline(gradcheck, request):
+            if request.config.getoption("gradcheck_mode") is None:
+                pytest.skip("only with the command-line options")
+            assert gradcheck.settings() == {
+                "mode": "full", "seed": 3, "rtol": 0.5, "atol": 1e-7, "max_evals": 1000,
+            }
+        """,
+    )
+    result = pytester.runpytest(*ISOLATE)
+    result.assert_outcomes(passed=1, skipped=1)
+    assert (pytester.path / "reports" / "gradcheck.json").is_file()
+    result = pytester.runpytest(
+        *ISOLATE, "-v", "--gradcheck-mode=full", "--gradcheck-seed", "3", "--gradcheck-rtol=0.5"
+    )
+    result.assert_outcomes(passed=1, failed=1)  # test_settings now sees the command line
+    result.stdout.fnmatch_lines(
+        [
+            "gradcheck: mode=full, seed=3, rtol=0.5, atol=1e-07, max_evals=1000; report: *"
+            "gradcheck.json"
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("ini", "*ini key gradcheck_mode: mode must be one of auto, full, fast; got 'fastest'*"),
+        ("cmdline", "*--gradcheck-mode: mode must be one of auto, full, fast; got 'fastest'*"),
+    ],
+    ids=["ini", "cmdline"],
+)
+def test_bad_setting_is_a_usage_error(pytester: pytest.Pytester, source: str, message: str) -> None:
+    pytester.makepyfile("def test_plain():\n    pass\n")
+    if source == "ini":
+        pytester.makeini("[pytest]\ngradcheck_mode = fastest\n")
+        result = pytester.runpytest(*ISOLATE)
+    else:
+        result = pytester.runpytest(*ISOLATE, "--gradcheck-mode=fastest")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+# ------------------------------------------------------------------------- JSON report
+def test_json_report_holds_every_check(pytester: pytest.Pytester) -> None:
+    _write_tests(
+        pytester,
+        """
+        def test_two_checks(gradcheck):
+            gradcheck(GOOD, X, Y)
+            gradcheck(GOOD, X, None, wrt="inputs")
+
+        def test_bad(gradcheck):
+            gradcheck(BAD, X, Y)
+        """,
+    )
+    result = pytester.runpytest(*ISOLATE, "--gradcheck-report", "sub/dir/report.json")
+    result.assert_outcomes(passed=1, failed=1)
+    document = _read_report(pytester.path / "sub" / "dir" / "report.json")
+    assert document["format"] == 1
+    assert document["summary"] == {"checks": 3, "passed": 2, "failed": 1}
+    keys = [(c["nodeid"], c["call"], c["passed"]) for c in document["checks"]]
+    assert keys == [
+        ("test_models.py::test_bad", 0, False),
+        ("test_models.py::test_two_checks", 0, True),
+        ("test_models.py::test_two_checks", 1, True),
+    ]
+    bad = document["checks"][0]["report"]
+    assert [b["name"] for b in bad["blocks"] if not b["passed"]] == ["W0"]
+    assert bad["blocks"][0]["worst"][0]["index"] == [1, 1]
+
+
+XDIST_TESTS = """
+@pytest.mark.parametrize("seed", range(6))
+def test_good(gradcheck, seed):
+    gradcheck(MLP([2, 3, 1], seed=seed), X, Y, seed=seed)
+
+@pytest.mark.parametrize("bug", ["one_entry", "factor_2"])
+def test_bad(gradcheck, bug):
+    from gradcheck import GradientCheckError
+    with pytest.raises(GradientCheckError):
+        gradcheck(GOOD.with_bug(bug), X, Y)
+"""
+
+
+def test_json_report_under_xdist_holds_every_check(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    _write_tests(pytester, XDIST_TESTS, name="test_one")
+    _write_tests(pytester, XDIST_TESTS, name="test_two")
+    result = pytester.runpytest_subprocess(*ISOLATE, "-n", "2", "--gradcheck-report=report.json")
+    result.assert_outcomes(passed=16)
+    result.stdout.fnmatch_lines(
+        [
+            "*- gradcheck -*",
+            "models checked: 16 in 16 tests; failed: 4",
+            "worst error: *",
+        ]
+    )
+    document = _read_report(pytester.path / "report.json")
+    nodeids = [c["nodeid"] for c in document["checks"]]
+    expected = sorted(
+        f"{module}.py::{test}"
+        for module in ("test_one", "test_two")
+        for test in [f"test_good[{s}]" for s in range(6)]
+        + ["test_bad[one_entry]", "test_bad[factor_2]"]
+    )
+    assert nodeids == expected
+    assert document["summary"] == {"checks": 16, "passed": 12, "failed": 4}
+
+
+# -------------------------------------------------------------------- other frameworks
+TORCH_TESTS = """
+import torch
+
+class Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x**2 * grad  # the bug: d(x**3)/dx is 3 x**2
+
+def test_torch_mlp(gradcheck):
+    report = gradcheck(GOOD.to_torch(), torch.from_numpy(X), torch.from_numpy(Y), loss="mse")
+    assert report.framework == "torch"
+    assert not report.failed_blocks
+
+def test_torch_custom_function_bug(gradcheck):
+    gradcheck(Cube.apply, torch.linspace(0.5, 2.0, 5, dtype=torch.float64))
+"""
+
+JAX_TESTS = """
+import jax
+
+@jax.custom_vjp
+def cube(x):
+    return x**3
+
+def cube_fwd(x):
+    return x**3, x
+
+def cube_bwd(x, grad):
+    return (2 * x**2 * grad,)  # the bug: d(x**3)/dx is 3 x**2
+
+cube.defvjp(cube_fwd, cube_bwd)
+
+def test_jax_mlp(gradcheck):
+    report = gradcheck(GOOD.to_jax(), X, Y, loss="mse")
+    assert report.framework == "jax"
+    assert not report.failed_blocks
+
+def test_jax_custom_vjp_bug(gradcheck):
+    params = {"scale": np.ones(5)}
+    gradcheck((lambda p, x: cube(p["scale"] * x), params), np.linspace(0.5, 2.0, 5))
+"""
+
+
+def test_fixture_with_torch_models(pytester: pytest.Pytester) -> None:
+    # imported here first: the in-process run must not import torch a second time
+    pytest.importorskip("torch")
+    pytest.importorskip("gradcheck.adapters.torch")
+    pytest.importorskip("gradcheck._reference_torch")
+    _write_tests(pytester, TORCH_TESTS)
+    result = pytester.runpytest(*ISOLATE)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            ">       gradcheck(Cube.apply, torch.linspace(*",
+            "E       *GradientCheckError: gradients disagree in 1 of 1 block*",
+            "E         mismatched: 5 / 5 entries*",
+        ]
+    )
+
+
+def test_fixture_with_jax_models(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("jax")
+    pytest.importorskip("gradcheck.adapters.jax")
+    pytest.importorskip("gradcheck._reference_jax")
+    _write_tests(pytester, JAX_TESTS)
+    result = pytester.runpytest(*ISOLATE)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            ">       gradcheck((lambda p, x: cube(*",
+            "E       *GradientCheckError: gradients disagree in 2 of 2 blocks*",
+        ]
+    )
