@@ -25,6 +25,27 @@ from ._report import Report as Report
 
 __version__ = "0.1.0"
 
+# the public path in tracebacks and reprs (``gradcheck.GradientCheckError``), not the private module
+for _cls in (
+    GradcheckInputError,
+    GradientCheckError,
+    InvalidOptionError,
+    MissingFrameworkError,
+    ModelError,
+    NonFiniteError,
+    NothingToCheckError,
+    ShapeMismatchError,
+    UnsupportedModelError,
+    Report,
+    BlockResult,
+    Entry,
+    Block,
+    FlatProblem,
+    Tolerance,
+):
+    _cls.__module__ = "gradcheck"
+del _cls
+
 __all__ = [
     "TOLERANCES",
     "Block",

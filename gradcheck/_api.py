@@ -44,15 +44,15 @@ def check_gradients(
             up to 20,000 entries and fast above. The report says which ran.
         seed: seeds every random choice (directions, the output projection, the
             RNG reset before each evaluation); the same seed gives the same report.
-        rtol, atol: override the defaults of :data:`gradcheck.TOLERANCES` for the
+        rtol, atol: override the defaults of `gradcheck.TOLERANCES` for the
             precision the model is evaluated in. ``atol`` is relative to the largest
             gradient of each block.
         max_evals: a cap on loss evaluations; a check that reaches it fails and
             says so rather than passing.
 
     Returns:
-        A :class:`Report`; ``report.passed`` is the verdict and ``str(report)`` the
-        readable message. Call :func:`assert_gradients` to raise instead.
+        A `Report`; ``report.passed`` is the verdict and ``str(report)`` the
+        readable message. Call `assert_gradients` to raise instead.
 
     When a check cannot be trusted:
         Models are evaluated on a float64 copy where the adapter can make one. A
@@ -60,8 +60,12 @@ def check_gradients(
         tolerances (``TOLERANCES["float32"]``), and the report says so; small
         relative errors (around 1e-3) are then invisible. At points where the loss
         is not differentiable (ReLU at 0, ties in a max), one-sided derivatives
-        disagree; the entry is accepted when the analytic value is one of them
-        and listed as a kink. A forward pass that stays random after the RNG is
+        disagree; the entry is accepted when the analytic value lies between
+        them and listed as a kink. Where several kinks coincide (a
+        zero-initialised ReLU layer), the convention a backward uses at the kink
+        (``relu'(0) = 0``) can lie outside; the entry is then accepted when the
+        analytic gradient just off the kink, on either side, matches the
+        one-sided derivatives. A forward pass that stays random after the RNG is
         reset before every evaluation makes the check inconclusive (it fails).
     """
     options = CheckOptions(mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals)
@@ -71,5 +75,5 @@ def check_gradients(
 
 
 def assert_gradients(model: Any, x: Any = None, y: Any = None, **options: Any) -> Report:
-    """:func:`check_gradients`, raising :class:`GradientCheckError` unless the check passes."""
+    """`check_gradients`, raising `GradientCheckError` unless the check passes."""
     return check_gradients(model, x, y, **options).raise_if_failed()

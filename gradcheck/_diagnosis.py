@@ -62,7 +62,7 @@ def diagnose(
     if few:
         ratios = ", ".join(f"{r:.4g}" for r in (a / num)[nonzero][:3]) if np.any(nonzero) else ""
         tail = f"; analytic / numeric = {ratios}" if ratios else ""
-        return f"only {k} of {n} entries disagree (an indexing slip or a one-off term?{tail})"
+        return f"only {k} of {n:,} entries disagree (an indexing slip or a one-off term?{tail})"
     if np.all(nonzero):
         ratio = a / num
         med = float(np.median(ratio))

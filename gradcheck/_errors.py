@@ -1,9 +1,9 @@
 """Exceptions raised by gradcheck.
 
-Every error about the user's input is a subclass of :class:`GradcheckInputError`
+Every error about the user's input is a subclass of `GradcheckInputError`
 (itself a ``ValueError``) with a one-line message naming what was expected and
-what came. A failed check is a :class:`GradientCheckError`, an ``AssertionError``
-that carries the :class:`~gradcheck.Report`.
+what came. A failed check is a `GradientCheckError`, an ``AssertionError``
+that carries the `gradcheck.Report`.
 """
 
 from __future__ import annotations

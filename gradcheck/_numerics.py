@@ -1,7 +1,7 @@
 """Numerical derivatives with error estimates: steps, central differences, Richardson, kinks.
 
 Framework-free. Everything here works on arrays of loss values that the
-:class:`Evaluator` obtains from a :class:`~gradcheck._problem.FlatProblem`.
+`Evaluator` obtains from a `gradcheck._problem.FlatProblem`.
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def refine_until_resolved(
     tol: Tolerance,
     wanted: np.ndarray,
 ) -> Refined:
-    """:func:`refine`, repeated from smaller steps where the error estimate stays above ``wanted``.
+    """`refine`, repeated from smaller steps where the error estimate stays above ``wanted``.
 
     ``at(factor, sel)`` evaluates the differences of the entries ``sel`` with their
     first-pass steps scaled by ``factor``. Where ``safety * error`` exceeds the

@@ -1,8 +1,8 @@
 """The contract between adapters and the core: a loss of one flat float64 vector.
 
-An adapter turns a model (NumPy, PyTorch, JAX) into a :class:`FlatProblem`: the
+An adapter turns a model (NumPy, PyTorch, JAX) into a `FlatProblem`: the
 starting point ``theta0``, a ``loss`` and its analytical ``gradient`` as functions
-of a flat vector, and :class:`Block` records that name slices of that vector
+of a flat vector, and `Block` records that name slices of that vector
 (one per parameter tensor or input). The core does all the numerics on this
 record and never imports a framework; adapters only evaluate.
 """

@@ -132,7 +132,7 @@ class Report:
     Attributes:
         blocks: one result per checked block, in the model's order.
         mode: the mode that ran (``"full"`` or ``"fast"``).
-        mode_reason: why (``"auto: 1,234 entries <= 5,000"``).
+        mode_reason: why (``"auto: 1,234 entries <= 20,000"``).
         precision: the floating-point type the model was evaluated in.
         rtol, atol, safety: the tolerances in force.
         seed: the seed of every random choice (directions, projections, dropout resets).
@@ -185,7 +185,7 @@ class Report:
         raise KeyError(f"no block named {name!r}; the blocks are {names}")
 
     def raise_if_failed(self) -> Report:
-        """Raise :class:`GradientCheckError` (an ``AssertionError``) unless the check passed."""
+        """Raise `GradientCheckError` (an ``AssertionError``) unless the check passed."""
         if not self.passed:
             raise GradientCheckError(self)
         return self
@@ -260,7 +260,12 @@ def _header(report: Report) -> list[str]:
         first = f"gradients agree in {_blocks(len(report.blocks), 'all ')} ({summary})"
     else:
         n_bad = len(report.failed_blocks)
-        first = f"gradients disagree in {n_bad} of {_blocks(len(report.blocks))} ({summary})"
+        where = (
+            "the only block"
+            if len(report.blocks) == 1
+            else f"{n_bad} of {_blocks(len(report.blocks))}"
+        )
+        first = f"gradients disagree in {where} ({summary})"
     if report.mode == "fast":
         formula = (
             f"test per random direction: |analytic - numeric| <= {report.safety:g}*estimated error"
@@ -330,7 +335,7 @@ def render(report: Report) -> str:
     kinked = [b for b in report.blocks if b.kinks]
     if kinked:
         lines.append(
-            "non-differentiable points accepted (analytic value is a one-sided derivative): "
+            "non-differentiable points accepted (the analytic value is a valid one-sided choice): "
             + ", ".join(f"`{b.name}` {b.kinks}" for b in kinked)
         )
     notes = [f"`{b.name}`: {b.note}" for b in report.blocks if b.passed and b.note]

@@ -10,13 +10,13 @@ with a batch in the rows (``x`` has shape ``(N, n_in)``)::
 ``W[l]`` has shape ``(n_out, n_in)`` (as ``torch.nn.Linear.weight``). Hidden
 activations: ``"sigmoid"``, ``"tanh"``, ``"relu"``, ``"identity"``; output:
 ``"linear"``, ``"sigmoid"``, ``"softmax"``. Optional L1/L2 penalties on the
-weights (reported by :meth:`MLP.regularization`, whose gradient ``backward``
+weights (reported by `MLP.regularization`, whose gradient ``backward``
 adds) and inverted dropout after every hidden layer with a mask drawn from the
 model's own seeded generator.
 
 The model follows gradcheck's NumPy protocol (``params``, ``forward``,
 ``backward``, ``grads``), so ``check_gradients(mlp, x, y, loss="mse")`` checks it;
-:meth:`MLP.with_bug` returns a copy with a planted mistake for demos and tests.
+`MLP.with_bug` returns a copy with a planted mistake for demos and tests.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class MLP:
             ``l1 * sum|W| + l2/2 * sum W**2``.
         dropout: drop probability after every hidden layer (inverted dropout).
         seed: seeds both the initial weights and the dropout generator.
-        bug: plant a known mistake in ``backward`` (see :data:`BUGS`); for demos and tests.
+        bug: plant a known mistake in ``backward`` (see `BUGS`); for demos and tests.
 
     Example:
         >>> import numpy as np

@@ -185,7 +185,7 @@ def test_transposed_weight_gradient_is_diagnosed():
 def test_report_text_json_and_exception():
     report = check_flat(cubic, lambda t: 2 * t**2, np.array([1.0, 2.0]))
     text = str(report)
-    assert text.startswith("gradients disagree in 1 of 1 block")
+    assert text.startswith("gradients disagree in the only block")
     assert "`theta`  shape (2,)" in text and "mismatched: 2 / 2 entries" in text
     data = json.loads(json.dumps(report.to_dict()))
     assert data["passed"] is False and data["blocks"][0]["mismatches"] == 2

@@ -136,7 +136,7 @@ def test_failing_run_names_block_and_worst_entry(pytester: pytest.Pytester) -> N
         [
             # the user's own line, then our message
             '>       gradcheck(BAD, X, Y, loss="mse")',
-            "E       gradcheck._errors.GradientCheckError: gradients disagree in 1 of 5 blocks *",
+            "E       gradcheck.GradientCheckError: gradients disagree in 1 of 5 blocks *",
             "E       `W0`  shape (3, 2)",
             "E         mismatched: 1 / 6 entries (16.7%)*",
             "E         index      analytic      numeric (± est. error)  abs diff",
@@ -492,7 +492,7 @@ def test_fixture_with_torch_models(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             ">       gradcheck(Cube.apply, torch.linspace(*",
-            "E       *GradientCheckError: gradients disagree in 1 of 1 block*",
+            "E       *GradientCheckError: gradients disagree in the only block*",
             "E         mismatched: 5 / 5 entries*",
         ]
     )
