@@ -1,0 +1,683 @@
+"""The JAX adapter: turns a JAX model into a :class:`~gradcheck._problem.FlatProblem`.
+
+Model forms (see :func:`matches`):
+
+- ``(apply_fn, params)`` with ``apply_fn(params, x)`` and any pytree of params
+  (nested dicts, lists, NamedTuples, an Equinox module, ...);
+- an Equinox module, called as ``model(x)``;
+- a Flax NNX module, called as ``model(x)`` (``nnx.split``/``nnx.merge``);
+- a Flax Linen ``(module, variables)`` pair (or ``(module.apply, variables)``),
+  called as ``module.apply(variables, x)``.
+
+What is checked: every floating-point array leaf of the parameters (for Linen,
+of the ``"params"`` collection; for NNX, the ``nnx.Param`` variables) and, with
+``wrt="all"`` or ``"inputs"``, every floating-point array leaf of ``x``. Blocks
+are named by their pytree path as the user would write it: dict keys joined by
+``/`` (``params/Dense_0/kernel``), attributes by ``.`` and sequence positions in
+brackets (``layers[1].weight``); inputs are ``input``, ``input[1]``,
+``input['key']``. Everything else (integer arrays, PRNG keys, Linen
+``batch_stats``, NNX ``BatchStat`` and ``RngState``, functions) is passed
+through unchanged as a constant.
+
+Precision: every evaluation runs inside a thread-local ``enable_x64`` scope, on
+a float64 copy of the model's floating-point leaves, inputs and targets; the
+global ``jax_enable_x64`` flag is never touched. If the traced computation still
+holds lower-precision values (a layer built with ``dtype=jnp.float32``, an
+explicit ``.astype``), the problem's ``precision`` says so and a note explains.
+
+Randomness: JAX is functional, so a model sees the same randomness at every
+evaluation as long as its key is fixed: put the key inside ``x`` (a
+``(data, key)`` tuple: keys are not floating point, so they pass through), close
+over it in ``apply_fn``, or give an NNX module its ``nnx.Rngs`` (the adapter
+evaluates merged copies, so the rng counter starts from the same state every
+time and the user's module is never advanced).
+
+Speed: two programs are traced and compiled once, when the problem is built: the
+gradient (reverse mode, ``jax.grad``, so ``custom_vjp`` and ``custom_jvp`` rules
+are used as written) and the loss ``vmap``-ed over the rows of a
+``(max_batch, P)`` array. Shorter batches, and single points, are padded to
+``max_batch`` rows, so no call compiles again and ``loss`` agrees with
+``loss_batch`` bit for bit. ``max_batch`` (a power of two, at most 256) keeps
+the rows under 32 MiB and the batch's intermediate values under
+:data:`MEMORY_BUDGET`. A model that cannot be vmapped gets a compiled
+single-point loss instead; one that branches on values in Python cannot be
+traced at all and runs eagerly, one evaluation at a time.
+
+The adapter does no numerics of its own: it only evaluates.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+from gradcheck._errors import (
+    InvalidOptionError,
+    ModelError,
+    NothingToCheckError,
+    ShapeMismatchError,
+    UnsupportedModelError,
+)
+from gradcheck._losses import canonical_loss_name
+from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
+
+__all__ = ["build_problem", "matches"]
+
+#: Rows of perturbed parameter vectors evaluated in one vmapped call, at most.
+MAX_BATCH = 256
+#: Memory a batched call may use, roughly (bytes); bounds ``max_batch`` for large models.
+MEMORY_BUDGET = 512 * 2**20
+#: The ``(max_batch, P)`` float64 block of parameter rows stays under this many bytes.
+ROWS_BUDGET = 32 * 2**20
+
+NameStyle = Literal["dict", "attr"]
+PathEntry = Any  # one jax.tree_util key (DictKey, GetAttrKey, SequenceKey, ...)
+
+_LOWER_PRECISION: dict[str, Precision] = {
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+}
+
+
+# --------------------------------------------------------------------------- x64 scope
+def _x64() -> AbstractContextManager[Any]:
+    """A thread-local scope with 64-bit types enabled; the global flag is left alone."""
+    scope: Any = getattr(jax, "enable_x64", None)  # recent jax: a config context manager
+    if scope is None:  # older jax
+        import importlib
+
+        experimental: Any = importlib.import_module("jax.experimental")
+        return experimental.enable_x64()
+    return scope(True)
+
+
+# --------------------------------------------------------------------------- detection
+def _module_class(module_name: str, attr: str) -> type | None:
+    """``sys.modules[module_name].attr`` if that module was already imported, else None."""
+    module = sys.modules.get(module_name)
+    cls = getattr(module, attr, None) if module is not None else None
+    return cls if isinstance(cls, type) else None
+
+
+def _is_instance(obj: Any, module_name: str, attr: str) -> bool:
+    cls = _module_class(module_name, attr)
+    return cls is not None and isinstance(obj, cls)
+
+
+def _is_equinox(obj: Any) -> bool:
+    return _is_instance(obj, "equinox", "Module")
+
+
+def _is_nnx(obj: Any) -> bool:
+    return _is_instance(obj, "flax.nnx", "Module")
+
+
+def _is_linen(obj: Any) -> bool:
+    return _is_instance(obj, "flax.linen", "Module")
+
+
+def _linen_owner(fn: Any) -> Any:
+    """The Linen module of ``fn`` if ``fn`` is a Linen module or its bound ``apply``, else None."""
+    if _is_linen(fn):
+        return fn
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and _is_linen(owner) and getattr(fn, "__name__", "") == "apply":
+        return owner
+    return None
+
+
+def _is_pair(model: Any) -> bool:
+    if not (isinstance(model, tuple) and len(model) == 2 and callable(model[0])):
+        return False
+    # a torch callable with torch tensors belongs to the torch adapter
+    leaves = jax.tree_util.tree_leaves(model[1])
+    return not any(type(leaf).__module__.split(".")[0] == "torch" for leaf in leaves)
+
+
+def matches(model: Any) -> bool:
+    """Whether ``model`` is a JAX model this adapter can evaluate (cheap; imports nothing)."""
+    return _is_pair(model) or _is_equinox(model) or _is_nnx(model) or _is_linen(model)
+
+
+# --------------------------------------------------------------------------- model forms
+@dataclass
+class _Spec:
+    """A model reduced to one pytree, a forward function and a rule for its parameters."""
+
+    tree: Any
+    forward: Callable[[Any, Any], Any]
+    style: NameStyle
+    form: str
+    is_param: Callable[[tuple[PathEntry, ...]], bool] = lambda path: True
+    strip_value: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def _call(model: Any, x: Any) -> Any:
+    return model(x)
+
+
+def _spec_for(model: Any) -> _Spec:
+    if isinstance(model, tuple) and len(model) == 2 and callable(model[0]):
+        fn, params = model[0], model[1]
+        linen = _linen_owner(fn)
+        if linen is not None:
+            return _linen_spec(linen, params)
+        return _Spec(tree=params, forward=fn, style="dict", form="(apply_fn, params) pair")
+    if _is_nnx(model):
+        return _nnx_spec(model)
+    if _is_equinox(model):
+        return _Spec(tree=model, forward=_call, style="attr", form="Equinox module")
+    if _is_linen(model):
+        raise UnsupportedModelError(
+            f"a Flax Linen module needs its variables: pass (module, variables); "
+            f"got a bare {type(model).__qualname__}"
+        )
+    raise UnsupportedModelError(
+        "the JAX adapter expects an (apply_fn, params) pair, an Equinox module, a Flax NNX "
+        f"module or a Flax Linen (module, variables) pair; got {type(model).__qualname__}"
+    )
+
+
+def _linen_spec(module: Any, variables: Any) -> _Spec:
+    if not hasattr(variables, "keys") or "params" not in variables:
+        got = sorted(map(str, variables.keys())) if hasattr(variables, "keys") else None
+        raise NothingToCheckError(
+            "a Flax Linen (module, variables) pair needs variables with a 'params' collection; "
+            f"got {'collections ' + str(got) if got is not None else type(variables).__name__}"
+        )
+    others = [str(name) for name in variables if name != "params"]
+
+    def forward(tree: Any, x: Any) -> Any:
+        if others:  # batch_stats etc.: updates of a training-mode call are discarded
+            out, _ = module.apply(tree, x, mutable=others)
+            return out
+        return module.apply(tree, x)
+
+    def is_param(path: tuple[PathEntry, ...]) -> bool:
+        return bool(path) and isinstance(path[0], DictKey) and path[0].key == "params"
+
+    return _Spec(
+        tree=variables, forward=forward, style="dict", form="Flax Linen pair", is_param=is_param
+    )
+
+
+def _nnx_spec(model: Any) -> _Spec:
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
+    rest = _to_float64(rest)
+
+    def forward(tree: Any, x: Any) -> Any:
+        # fresh Variables in every evaluation (and trace): rng counters and batch statistics
+        # start from the user's state every time, and the user's module is never written
+        fresh = jax.tree_util.tree_map(lambda leaf: leaf, rest)
+        return nnx.merge(graphdef, tree, fresh)(x)
+
+    return _Spec(
+        tree=params, forward=forward, style="attr", form="Flax NNX module", strip_value=True
+    )
+
+
+# --------------------------------------------------------------------------- leaves and names
+def _is_float_array(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return (
+        isinstance(leaf, (np.ndarray, np.generic, jax.Array))
+        and dtype is not None
+        and jnp.issubdtype(dtype, jnp.floating)
+    )
+
+
+def _is_complex_array(leaf: Any) -> bool:
+    dtype = getattr(leaf, "dtype", None)
+    return (
+        isinstance(leaf, (np.ndarray, np.generic, jax.Array))
+        and dtype is not None
+        and jnp.issubdtype(dtype, jnp.complexfloating)
+    )
+
+
+def _as_float64(leaf: Any) -> Any:
+    """A float64 JAX copy of a floating-point array leaf, anything else as it is (under x64)."""
+    return jnp.asarray(leaf, dtype=jnp.float64) if _is_float_array(leaf) else leaf
+
+
+def _to_float64(tree: Any) -> Any:
+    return jax.tree_util.tree_map(_as_float64, tree)
+
+
+def _key_name(entry: PathEntry, style: NameStyle) -> str:
+    if isinstance(entry, DictKey):
+        key = entry.key
+        if isinstance(key, int):
+            return f"[{key}]"
+        return f".{key}" if style == "attr" else f"/{key}"
+    if isinstance(entry, SequenceKey):
+        return f"[{entry.idx}]"
+    if isinstance(entry, GetAttrKey):
+        return f".{entry.name}"
+    if isinstance(entry, FlattenedIndexKey):
+        return f"[{entry.key}]"
+    return f"[{entry}]"
+
+
+def param_name(
+    path: Sequence[PathEntry], style: NameStyle = "dict", strip_value: bool = False
+) -> str:
+    """A parameter's block name from its path: ``params/Dense_0/kernel``, ``layers[1].weight``."""
+    path = list(path)
+    if strip_value and path and isinstance(path[-1], GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]  # NNX Variable wrappers
+    name = "".join(_key_name(entry, style) for entry in path).lstrip("/.")
+    if not name or name.startswith("["):
+        name = "params" + name
+    return name
+
+
+def input_name(path: Sequence[PathEntry]) -> str:
+    """The block name of an input leaf: ``input``, ``input[1]``, ``input['key']``."""
+    return "input" + jax.tree_util.keystr(tuple(path))
+
+
+# --------------------------------------------------------------------------- losses
+def _mean_batch(out: jax.Array) -> int:
+    return int(out.shape[0]) if out.ndim else 1
+
+
+def _targets_as_probs(name: str, out: jax.Array, y: Any) -> jax.Array:
+    if out.ndim != 2:
+        raise ShapeMismatchError(f"loss {name!r} needs out of shape (N, C); got {out.shape}")
+    y_shape = tuple(np.shape(y))
+    if y_shape == tuple(out.shape):
+        return jnp.asarray(y, dtype=jnp.float64)
+    y_dtype = np.asarray(y).dtype
+    if y_shape == tuple(out.shape[:1]) and np.issubdtype(y_dtype, np.integer):
+        labels = np.asarray(y)
+        if labels.size and (labels.min() < 0 or labels.max() >= out.shape[1]):
+            raise ShapeMismatchError(
+                f"loss {name!r}: labels must lie in [0, {out.shape[1]}); "
+                f"got values from {labels.min()} to {labels.max()}"
+            )
+        return jax.nn.one_hot(labels, out.shape[1], dtype=jnp.float64)
+    raise ShapeMismatchError(
+        f"loss {name!r} with out of shape {tuple(out.shape)} needs y of shape {tuple(out.shape)} "
+        f"or integer labels of shape {tuple(out.shape[:1])}; got y of shape {y_shape}, "
+        f"dtype {y_dtype}"
+    )
+
+
+def _same_shape(name: str, out: jax.Array, y: Any) -> None:
+    if tuple(out.shape) != tuple(np.shape(y)):
+        raise ShapeMismatchError(
+            f"loss {name!r} needs y of the output's shape {tuple(out.shape)}; got {np.shape(y)}"
+        )
+
+
+def jax_loss(name: str) -> Callable[[jax.Array, Any], jax.Array]:
+    """The named loss in jax.numpy, with the semantics of :mod:`gradcheck._losses`."""
+    key = canonical_loss_name(name)
+
+    def loss(out: jax.Array, y: Any) -> jax.Array:
+        if key == "mse":
+            _same_shape(key, out, y)
+            return jnp.mean((out - y) ** 2)
+        if key == "cross_entropy":
+            t = _targets_as_probs(key, out, y)
+            return -jnp.sum(t * jax.nn.log_softmax(out, axis=1)) / _mean_batch(out)
+        if key == "categorical_crossentropy":
+            t = _targets_as_probs(key, out, y)
+            return -jnp.sum(t * jnp.log(out)) / _mean_batch(out)
+        _same_shape(key, out, y)
+        if key == "bce":
+            return -jnp.mean(y * jnp.log(out) + (1.0 - y) * jnp.log1p(-out))
+        return jnp.mean(jnp.logaddexp(0.0, out) - y * out)  # bce_with_logits
+
+    return loss
+
+
+def _reducer(loss: Any, y: Any, seed: int) -> Callable[[Any], jax.Array]:
+    """``out -> scalar``: the projection (``y is None`` and no loss), a named loss or the user's."""
+    if loss is None and y is None:
+        cache: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
+
+        def project(out: Any) -> jax.Array:
+            leaves = [leaf for leaf in jax.tree_util.tree_leaves(out) if _is_float_array(leaf)]
+            if not leaves:
+                raise ModelError(
+                    "with y=None the model's output must contain a floating-point array; "
+                    f"got {type(out).__name__}"
+                )
+            total = jnp.zeros((), dtype=jnp.float64)
+            for k, leaf in enumerate(leaves):
+                shape = tuple(int(s) for s in leaf.shape)
+                r = cache.setdefault((k, shape), output_projection(shape, seed, k))
+                total = total + jnp.sum(leaf * r)
+            return total
+
+        return project
+
+    if loss is None or isinstance(loss, str):
+        name = "mse" if loss is None else loss
+        if y is None:
+            raise InvalidOptionError(f"loss {name!r} needs a target y; got y=None")
+        fn = jax_loss(name)
+
+        def named(out: Any) -> jax.Array:
+            if not isinstance(out, jax.Array):
+                raise ModelError(
+                    f"loss {name!r} needs the model to return one array; got {type(out).__name__}"
+                )
+            return fn(out, y)
+
+        return named
+
+    if not callable(loss):
+        raise InvalidOptionError(
+            f"loss must be None, a callable loss(out, y) or a loss name; got {type(loss).__name__}"
+        )
+
+    def user(out: Any) -> jax.Array:
+        value = loss(out, y)
+        shape = np.shape(value)
+        if math.prod(shape) != 1 or not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+            raise ModelError(
+                "loss(out, y) must return a real scalar; "
+                f"got shape {shape}, dtype {jnp.result_type(value)}"
+            )
+        return jnp.reshape(value, ())
+
+    return user
+
+
+# --------------------------------------------------------------------------- jaxpr inspection
+def _subjaxprs(value: Any) -> Iterator[Any]:
+    if hasattr(value, "eqns"):
+        yield value
+    elif hasattr(value, "jaxpr") and hasattr(value, "consts"):
+        yield value.jaxpr
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _subjaxprs(item)
+
+
+def _walk(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of ``jaxpr`` and of the jaxprs nested in it (pjit, scan, cond, custom_vjp)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in _subjaxprs(value):
+                yield from _walk(sub)
+
+
+def _lowest_float(jaxpr: Any) -> str | None:
+    """The narrowest floating-point type any computed value in ``jaxpr`` has, if below float64."""
+    lowest: tuple[int, str] | None = None
+    for eqn in _walk(jaxpr):
+        for var in eqn.outvars:
+            dtype = getattr(getattr(var, "aval", None), "dtype", None)
+            if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+                continue
+            size = np.dtype(dtype).itemsize
+            if size < 8 and (lowest is None or size < lowest[0]):
+                lowest = (size, str(np.dtype(dtype)))
+    return None if lowest is None else lowest[1]
+
+
+def _bytes_per_evaluation(jaxpr: Any, size: int) -> int:
+    """A rough upper bound on the memory one evaluation needs: every intermediate value kept."""
+    total = 8 * size
+    for eqn in _walk(jaxpr):
+        for var in eqn.outvars:
+            aval = getattr(var, "aval", None)
+            shape = getattr(aval, "shape", None)
+            dtype = getattr(aval, "dtype", None)
+            if shape is not None and dtype is not None:
+                try:
+                    total += math.prod(shape) * np.dtype(dtype).itemsize
+                except TypeError:  # extended dtypes (PRNG keys)
+                    total += math.prod(shape) * 8
+    return total
+
+
+def _max_batch(jaxpr: Any, size: int) -> int:
+    rows = MEMORY_BUDGET // max(_bytes_per_evaluation(jaxpr, size), 1)
+    rows = max(1, min(MAX_BATCH, rows, ROWS_BUDGET // (8 * max(size, 1))))
+    return 1 << (rows.bit_length() - 1)  # a power of two: one compiled batch shape
+
+
+# --------------------------------------------------------------------------- build
+_TRACE_ERRORS: tuple[type[BaseException], ...] = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerIntegerConversionError,
+)
+
+
+def _compile(traced: Any) -> Any:
+    """Lower and compile a traced program, with XLA's default (optimising) settings.
+
+    Lower LLVM optimisation levels halve compile times on the CPU but can make a
+    vmapped convolution run 80 times slower; a check's programs run hundreds of times.
+    """
+    return traced.lower().compile()
+
+
+def build_problem(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    *,
+    loss: Any = None,
+    wrt: str = "all",
+    seed: int = 0,
+) -> FlatProblem:
+    """The :class:`FlatProblem` of a JAX model at its current parameters and ``x``.
+
+    Args:
+        model: ``(apply_fn, params)``, an Equinox module, a Flax NNX module or a Flax
+            Linen ``(module, variables)`` pair.
+        x: the input, any pytree; its floating-point arrays are blocks unless
+            ``wrt="params"``; other leaves (integer arrays, keys) pass through.
+        y: the target (constant), or None for a fixed random projection of the output.
+        loss: None (``"mse"`` when ``y`` is given), a callable ``loss(out, y)`` in
+            jax.numpy, or a loss name from :mod:`gradcheck._losses`.
+        wrt: ``"all"``, ``"params"`` or ``"inputs"``.
+        seed: seeds the output projection.
+    """
+    if wrt not in ("all", "params", "inputs"):
+        raise InvalidOptionError(f"wrt must be 'all', 'params' or 'inputs'; got {wrt!r}")
+    if isinstance(loss, str):
+        canonical_loss_name(loss)
+    with _x64():
+        spec = _spec_for(model)
+        return _build(spec, x, y, loss=loss, wrt=wrt, seed=int(seed))
+
+
+def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> FlatProblem:
+    notes = list(spec.notes)
+    skipped: list[str] = []
+    p_items, p_def = jax.tree_util.tree_flatten_with_path(spec.tree)
+    x_items, x_def = jax.tree_util.tree_flatten_with_path(x)
+    p_leaves = [_as_float64(leaf) for _, leaf in p_items]
+    x_leaves = [_as_float64(leaf) for _, leaf in x_items]
+    y64 = None if y is None else _to_float64(y)
+
+    # (source, leaf index, name, shape, kind) for every block, params first, in pytree order
+    entries: list[tuple[str, int, str, tuple[int, ...], BlockKind]] = []
+    for i, (path, leaf) in enumerate(p_items):
+        if not spec.is_param(path):
+            continue
+        name = param_name(path, spec.style, spec.strip_value)
+        if _is_complex_array(leaf):
+            skipped.append(name)
+        elif _is_float_array(leaf) and wrt != "inputs":
+            entries.append(("p", i, name, tuple(np.shape(leaf)), "param"))
+    for i, (path, leaf) in enumerate(x_items):
+        if _is_float_array(leaf) and wrt != "params":
+            entries.append(("x", i, input_name(path), tuple(np.shape(leaf)), "input"))
+    if skipped:
+        notes.append(f"complex parameters are not checked: {', '.join(skipped)}")
+    if not entries:
+        raise NothingToCheckError(
+            f"nothing to check with wrt={wrt!r}: the {spec.form} has no floating-point "
+            + ("inputs" if wrt == "inputs" else "parameters" if wrt == "params" else "arrays")
+        )
+    blocks = block_layout([(name, shape, kind) for _, _, name, shape, kind in entries])
+    source = {"p": p_leaves, "x": x_leaves}
+    theta0 = np.concatenate(
+        [np.asarray(source[src][i], dtype=np.float64).ravel() for src, i, *_ in entries]
+    )
+    placements = [
+        (src, i, block.offset, block.size, block.shape)
+        for (src, i, *_), block in zip(entries, blocks, strict=True)
+    ]
+    reduce = _reducer(loss, y64, seed)
+    forward = spec.forward
+
+    def scalar(theta: jax.Array) -> jax.Array:
+        leaves = {"p": list(p_leaves), "x": list(x_leaves)}
+        for src, i, offset, size, shape in placements:
+            leaves[src][i] = theta[offset : offset + size].reshape(shape)
+        params = jax.tree_util.tree_unflatten(p_def, leaves["p"])
+        inputs = jax.tree_util.tree_unflatten(x_def, leaves["x"])
+        return reduce(forward(params, inputs))
+
+    size = int(theta0.size)
+    row = jax.ShapeDtypeStruct((size,), jnp.float64)
+    try:
+        loss_traced = jax.jit(scalar).trace(row)
+        grad_traced = jax.jit(jax.grad(scalar)).trace(row)
+    except _TRACE_ERRORS as exc:
+        notes.append(
+            "the model branches on values in Python, so it cannot be traced "
+            f"({type(exc).__name__}); evaluated eagerly, one point at a time"
+        )
+        return _eager_problem(scalar, theta0, blocks, notes, skipped)
+
+    precision: Precision = "float64"
+    lowered = {
+        what: _lowest_float(traced.jaxpr.jaxpr)
+        for what, traced in (("forward pass", loss_traced), ("gradient", grad_traced))
+    }
+    narrow = [dtype for dtype in lowered.values() if dtype is not None]
+    if narrow:
+        lowest = min(narrow, key=lambda name: jnp.dtype(name).itemsize)
+        where = " and ".join(what for what, dtype in lowered.items() if dtype is not None)
+        precision = _LOWER_PRECISION.get(lowest, "float32")
+        notes.append(
+            f"the model computes in {lowest} in its {where}, even on a float64 copy "
+            f"(a layer dtype or an explicit cast?); steps and tolerances follow {lowest}"
+        )
+    grad_exe = _compile(grad_traced)
+
+    def gradient(theta: np.ndarray) -> np.ndarray:
+        with _x64():
+            return np.array(grad_exe(np.asarray(theta, dtype=np.float64)), dtype=np.float64)
+
+    max_batch = _max_batch(loss_traced.jaxpr.jaxpr, size)
+    loss_batch = None
+    if max_batch > 1:
+        try:
+            rows = jax.ShapeDtypeStruct((max_batch, size), jnp.float64)
+            batch_exe = _compile(jax.jit(jax.vmap(scalar)).trace(rows))
+        except Exception as exc:  # no batching rule, a callback that cannot vmap, ...
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            notes.append(
+                f"the model cannot be vmapped ({type(exc).__name__}: {first_line[:120]}); "
+                "evaluations run one at a time"
+            )
+        else:
+            loss_batch = _padded(batch_exe, theta0, max_batch)
+    if loss_batch is not None:
+        # one compiled forward for every evaluation: a single point is a padded batch of one,
+        # so loss() and loss_batch() agree to the last bit
+        batched = loss_batch
+
+        def loss_fn(theta: np.ndarray) -> float:
+            return float(batched(np.asarray(theta, dtype=np.float64)[None, :])[0])
+
+    else:
+        loss_exe = _compile(loss_traced)
+
+        def loss_fn(theta: np.ndarray) -> float:
+            with _x64():
+                return float(loss_exe(np.asarray(theta, dtype=np.float64)))
+
+    return FlatProblem(
+        theta0=theta0,
+        loss=loss_fn,
+        gradient=gradient,
+        blocks=blocks,
+        loss_batch=loss_batch,
+        max_batch=max_batch,
+        precision=precision,
+        framework="jax",
+        notes=notes,
+        skipped=skipped,
+        batching="loop" if loss_batch is None else "vmap",
+    )
+
+
+def _padded(
+    batch_exe: Callable[[np.ndarray], Any], theta0: np.ndarray, max_batch: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``loss_batch`` over any number of rows, in chunks padded to ``max_batch`` (one compile)."""
+
+    def loss_batch(thetas: np.ndarray) -> np.ndarray:
+        thetas = np.asarray(thetas, dtype=np.float64)
+        if thetas.ndim != 2 or thetas.shape[1] != theta0.size:
+            raise ShapeMismatchError(
+                f"loss_batch needs an array of shape (k, {theta0.size}); got {thetas.shape}"
+            )
+        out = np.empty(thetas.shape[0], dtype=np.float64)
+        with _x64():
+            for start in range(0, thetas.shape[0], max_batch):
+                chunk = thetas[start : start + max_batch]
+                k = chunk.shape[0]
+                if k < max_batch:
+                    pad = np.broadcast_to(theta0, (max_batch - k, theta0.size))
+                    chunk = np.concatenate([chunk, pad])
+                out[start : start + k] = np.asarray(batch_exe(chunk), dtype=np.float64)[:k]
+        return out
+
+    return loss_batch
+
+
+def _eager_problem(
+    scalar: Callable[[jax.Array], jax.Array],
+    theta0: np.ndarray,
+    blocks: Sequence[Any],
+    notes: list[str],
+    skipped: list[str],
+) -> FlatProblem:
+    grad = jax.grad(scalar)
+
+    def loss_fn(theta: np.ndarray) -> float:
+        with _x64():
+            return float(scalar(jnp.asarray(theta, dtype=jnp.float64)))
+
+    def gradient(theta: np.ndarray) -> np.ndarray:
+        with _x64():
+            return np.array(grad(jnp.asarray(theta, dtype=jnp.float64)), dtype=np.float64)
+
+    return FlatProblem(
+        theta0=theta0,
+        loss=loss_fn,
+        gradient=gradient,
+        blocks=blocks,
+        precision="float64",
+        framework="jax",
+        notes=notes,
+        skipped=skipped,
+        batching="loop",
+    )
