@@ -244,8 +244,6 @@ class MLP:
             w = self.params[f"W{layer}"]
             dw = delta.T @ a_prev
             db = delta.sum(axis=0)
-            if bug == "bias_mean":
-                db = delta.mean(axis=0)
             dw = dw + self.l1 * np.sign(w) + self.l2 * w
             grads[f"W{layer}"] = dw
             grads[f"b{layer}"] = db
@@ -262,19 +260,31 @@ class MLP:
                 delta = da * deriv
             else:
                 dx = da
-        if bug == "sign_flip":
-            grads["W0"] = -grads["W0"]
-        elif bug == "factor_2":
-            grads["W0"] = 2.0 * grads["W0"]
-        elif bug == "scale_1.01":
-            for key in grads:
-                grads[key] = 1.01 * grads[key]
-        elif bug == "missing_bias":
-            last = f"b{self.n_layers - 1}"
-            grads[last] = np.zeros_like(grads[last])
-        elif bug == "one_entry":
-            w0 = grads["W0"]
-            w0[w0.shape[0] // 2, w0.shape[1] // 2] *= 1.01
         for key, value in grads.items():
-            self.grads[key] = value
+            mask = self.gradient_mask(key, dout.shape[0])
+            self.grads[key] = value if mask is None else value * mask
         return dx
+
+    def gradient_mask(self, name: str, batch: int) -> np.ndarray | None:
+        """The factor the planted bug multiplies parameter ``name``'s gradient by (None: none).
+
+        Every planted bug but ``wrong_activation_derivative`` is such a factor;
+        ``bias_mean`` divides by ``batch`` (the batch mean where the sum belongs).
+        The torch and JAX exports apply the same masks in their custom backward.
+        """
+        bug, shape = self.bug, self.params[name].shape
+        if bug == "sign_flip" and name == "W0":
+            return -np.ones(shape)
+        if bug == "factor_2" and name == "W0":
+            return np.full(shape, 2.0)
+        if bug == "scale_1.01":
+            return np.full(shape, 1.01)
+        if bug == "missing_bias" and name == f"b{self.n_layers - 1}":
+            return np.zeros(shape)
+        if bug == "bias_mean" and name.startswith("b"):
+            return np.full(shape, 1.0 / batch)
+        if bug == "one_entry" and name == "W0":
+            mask = np.ones(shape)
+            mask[shape[0] // 2, shape[1] // 2] = 1.01
+            return mask
+        return None

@@ -120,7 +120,7 @@ def test_one_wrong_entry_in_a_1000_entry_weight_is_found_exactly():
     assert w0.mismatches == 1
     assert w0.worst[0].index == (12, 20)
     assert w0.worst[0].analytic == pytest.approx(1.01 * w0.worst[0].numeric, rel=1e-6)
-    assert "only 1 of 1000 entries disagree" in (w0.diagnosis or "")
+    assert "only 1 of 1,000 entries disagree" in (w0.diagnosis or "")
     assert [b.name for b in report.failed_blocks] == ["W0"]
 
 
@@ -149,3 +149,15 @@ def test_mlp_rejects_bad_configuration():
         MLP([2, 2], dropout=1.0)
     with pytest.raises(ValueError, match=r"MLP input must have shape \(N, 2\)"):
         MLP([2, 2]).forward(np.ones((3, 5)))
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_jax_export_carries_the_planted_bug(bug):
+    # the export's custom_vjp makes the reference's mistake: the same blocks fail in both
+    pytest.importorskip("jax")
+    mlp = MLP([4, 5, 2], activation="tanh", seed=0)
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(8, 4)), rng.normal(size=(8, 2))
+    assert check_gradients(mlp.to_jax(), x, y, loss="mse").passed
+    report = check_gradients(mlp.with_bug(bug).to_jax(), x, y, loss="mse")
+    assert {b.name for b in report.failed_blocks} == EXPECTED_BLOCKS[bug]
