@@ -5,6 +5,7 @@ Imported only when a user asks for it, so ``import gradcheck`` never loads torch
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,10 +44,13 @@ class ReferenceMLP(nn.Module):
         self.l1 = l1
         self.l2 = l2
         self.layers = nn.ModuleList(
-            nn.Linear(n_in, n_out, dtype=torch.float64)
-            for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
+            nn.Linear(n_in, n_out, dtype=torch.float64) for n_in, n_out in pairwise(sizes)
         )
         self.dropout = nn.Dropout(dropout)
+
+    def linears(self) -> list[nn.Linear]:
+        """The layers, typed."""
+        return [layer for layer in self.layers if isinstance(layer, nn.Linear)]
 
     def _hidden(self, z: torch.Tensor) -> torch.Tensor:
         if self.activation == "sigmoid":
@@ -74,15 +78,16 @@ class ReferenceMLP(nn.Module):
 
     def regularization(self) -> torch.Tensor:
         """``l1 * sum|W| + l2/2 * sum W**2`` over the weights, as ``MLP.regularization``."""
-        total = torch.zeros((), dtype=torch.float64, device=self.layers[0].weight.device)
-        for layer in self.layers:
+        linears = self.linears()
+        total = torch.zeros((), dtype=torch.float64, device=linears[0].weight.device)
+        for layer in linears:
             w = layer.weight
             total = total + self.l1 * w.abs().sum() + 0.5 * self.l2 * (w * w).sum()
         return total
 
 
 def mlp_to_torch(mlp: MLP) -> ReferenceMLP:
-    """A :class:`ReferenceMLP` holding float64 copies of ``mlp``'s weights."""
+    """A `ReferenceMLP` holding float64 copies of ``mlp``'s weights."""
     module = ReferenceMLP(
         list(mlp.sizes),
         activation=mlp.activation,
@@ -92,7 +97,7 @@ def mlp_to_torch(mlp: MLP) -> ReferenceMLP:
         l2=mlp.l2,
     )
     with torch.no_grad():
-        for index, layer in enumerate(module.layers):
+        for index, layer in enumerate(module.linears()):
             layer.weight.copy_(torch.from_numpy(mlp.params[f"W{index}"].copy()))
             layer.bias.copy_(torch.from_numpy(mlp.params[f"b{index}"].copy()))
     return module
