@@ -1,6 +1,6 @@
-"""Adapters: each turns one framework's models into a :class:`gradcheck.FlatProblem`.
+"""Adapters: each turns one framework's models into a `gradcheck.FlatProblem`.
 
 Installed as ``gradcheck.adapters``. Each module defines ``matches(model)`` and
 ``build_problem(model, x, y, *, loss, wrt, seed)``; importing one imports its
-framework, so :mod:`gradcheck._dispatch` imports them only when needed.
+framework, so `gradcheck._dispatch` imports them only when needed.
 """

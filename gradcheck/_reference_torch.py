@@ -5,9 +5,12 @@ Imported only when a user asks for it, so ``import gradcheck`` never loads torch
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from itertools import pairwise
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,6 +23,48 @@ __all__ = ["ReferenceMLP", "mlp_to_torch"]
 def _sigmoid(z: torch.Tensor) -> torch.Tensor:
     # the reference's formula, so both agree to rounding
     return 0.5 * (1.0 + torch.tanh(0.5 * z))
+
+
+Mask = Callable[[str, int], "np.ndarray | None"]
+
+
+class _PlantedLinear(torch.autograd.Function):
+    """``a @ w.T + b`` whose backward multiplies the parameter gradients by the planted masks."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, layer: int, mask: Mask
+    ) -> torch.Tensor:
+        ctx.save_for_backward(a, w)
+        ctx.layer, ctx.mask = layer, mask
+        return a @ w.T + b
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        a, w = ctx.saved_tensors
+        grads = {f"W{ctx.layer}": g.T @ a, f"b{ctx.layer}": g.sum(dim=0)}
+        for name, value in grads.items():
+            factor = ctx.mask(name, g.shape[0])
+            if factor is not None:
+                grads[name] = value * torch.from_numpy(factor).to(value)
+        return g @ w, grads[f"W{ctx.layer}"], grads[f"b{ctx.layer}"], None, None
+
+
+class _WrongDerivative(torch.autograd.Function):
+    """An activation whose backward uses f(z) where f'(z) belongs (the reference's planted bug)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, z: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        ctx.f = f
+        return f(z)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        (z,) = ctx.saved_tensors
+        return g * ctx.f(z), None
 
 
 class ReferenceMLP(nn.Module):
@@ -47,6 +92,8 @@ class ReferenceMLP(nn.Module):
             nn.Linear(n_in, n_out, dtype=torch.float64) for n_in, n_out in pairwise(sizes)
         )
         self.dropout = nn.Dropout(dropout)
+        self.bug: str | None = None
+        self.mask: Mask | None = None  # set with the bug, from MLP.gradient_mask
 
     def linears(self) -> list[nn.Linear]:
         """The layers, typed."""
@@ -64,10 +111,17 @@ class ReferenceMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = x
         last = len(self.layers) - 1
-        for index, layer in enumerate(self.layers):
-            z = layer(a)
+        for index, layer in enumerate(self.linears()):
+            if self.mask is not None:
+                z = _PlantedLinear.apply(a, layer.weight, layer.bias, index, self.mask)
+            else:
+                z = layer(a)
             if index < last:
-                a = self.dropout(self._hidden(z))
+                if self.bug == "wrong_activation_derivative" and index == 0:
+                    h = _WrongDerivative.apply(z, self._hidden)
+                else:
+                    h = self._hidden(z)
+                a = self.dropout(h)
             elif self.output == "sigmoid":
                 a = _sigmoid(z)
             elif self.output == "softmax":
@@ -87,7 +141,11 @@ class ReferenceMLP(nn.Module):
 
 
 def mlp_to_torch(mlp: MLP) -> ReferenceMLP:
-    """A `ReferenceMLP` holding float64 copies of ``mlp``'s weights."""
+    """A `ReferenceMLP` holding float64 copies of ``mlp``'s weights.
+
+    A planted bug (``mlp.bug``, see `MLP.with_bug`) is exported too, in custom
+    ``autograd.Function`` backwards that make the same mistake as the reference.
+    """
     module = ReferenceMLP(
         list(mlp.sizes),
         activation=mlp.activation,
@@ -100,4 +158,7 @@ def mlp_to_torch(mlp: MLP) -> ReferenceMLP:
         for index, layer in enumerate(module.linears()):
             layer.weight.copy_(torch.from_numpy(mlp.params[f"W{index}"].copy()))
             layer.bias.copy_(torch.from_numpy(mlp.params[f"b{index}"].copy()))
+    if mlp.bug is not None:
+        module.bug = mlp.bug
+        module.mask = copy.deepcopy(mlp).gradient_mask
     return module

@@ -161,3 +161,16 @@ def test_jax_export_carries_the_planted_bug(bug):
     assert check_gradients(mlp.to_jax(), x, y, loss="mse").passed
     report = check_gradients(mlp.with_bug(bug).to_jax(), x, y, loss="mse")
     assert {b.name for b in report.failed_blocks} == EXPECTED_BLOCKS[bug]
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_torch_export_carries_the_planted_bug(bug):
+    pytest.importorskip("torch")
+    mlp = MLP([4, 5, 2], activation="tanh", seed=0)
+    rng = np.random.default_rng(7)
+    x, y = rng.normal(size=(8, 4)), rng.normal(size=(8, 2))
+    torch_names = {"W0": "layers.0.weight", "b0": "layers.0.bias", "W1": "layers.1.weight",
+                   "b1": "layers.1.bias", "input": "input"}
+    assert check_gradients(mlp.to_torch(), x, y, loss="mse").passed
+    report = check_gradients(mlp.with_bug(bug).to_torch(), x, y, loss="mse")
+    assert {b.name for b in report.failed_blocks} == {torch_names[n] for n in EXPECTED_BLOCKS[bug]}
