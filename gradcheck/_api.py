@@ -31,7 +31,11 @@ def check_gradients(
             variables; or a NumPy model with ``params``, ``forward(x)``,
             ``backward(dout)`` and ``grads`` (see the NumPy guide).
         x: the input (an array, or a tuple/dict of arrays). Float inputs are
-            checked too unless ``wrt="params"``; integer inputs pass through.
+            checked too unless ``wrt="params"``, as blocks ``input``,
+            ``input[1]``, ``input['key']``; integer inputs pass through. A torch
+            model receives a tuple as positional and a dict as keyword arguments
+            (wrap a dict meant as one argument: ``x=(d,)``); NumPy and JAX models
+            receive the container as their one input.
         y: the target. ``None`` reduces the output to ``sum(out * r)`` with a
             fixed random ``r``, which checks the whole vector-Jacobian product.
         loss: a callable ``loss(out, y)``, a name (``"mse"``, ``"cross_entropy"``,
