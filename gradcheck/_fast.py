@@ -19,6 +19,7 @@ each entry found is then checked like an entry in full mode.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 
@@ -223,16 +224,17 @@ class _Probe:
             ok, analytic, numeric, error, allowed = self.check_direction(v)
             if not ok:
                 failures.append((v, analytic, numeric, error, allowed, self.step))
+        result = BlockResult(
+            name=b.name,
+            shape=b.shape,
+            kind=b.kind,
+            checked=probes,
+            size=b.size,
+            mismatches=0,
+            scale=float(np.max(np.abs(self.g[b.slice]))) if b.size else 0.0,
+        )
         if not failures:
-            return BlockResult(
-                name=b.name,
-                shape=b.shape,
-                kind=b.kind,
-                checked=probes,
-                size=b.size,
-                mismatches=0,
-                scale=float(np.max(np.abs(self.g[b.slice]))) if b.size else 0.0,
-            )
+            return result
         v, analytic, numeric, error, allowed, self.step = failures[0]
         found, finished = self.localize(v, analytic - numeric)
         found.sort(key=lambda e: -e.abs_diff)
@@ -259,17 +261,12 @@ class _Probe:
             )
         if diagnosis is None or not finished:
             diagnosis = _direction_diagnosis(ratio) or diagnosis
-        return BlockResult(
-            name=b.name,
-            shape=b.shape,
-            kind=b.kind,
-            checked=probes,
-            size=b.size,
+        return replace(
+            result,
             mismatches=len(failures),
             worst=tuple(found[:MAX_ROWS]),
             max_abs_diff=abs(analytic - numeric),
             max_rel_diff=abs(analytic - numeric) / abs(numeric) if numeric else math.inf,
-            scale=float(np.max(np.abs(self.g[b.slice]))) if b.size else 0.0,
             diagnosis=diagnosis,
             localized=len(found),
             note=note,
