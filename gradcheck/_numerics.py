@@ -179,6 +179,7 @@ class Refined:
     step: np.ndarray  # the smallest step used
     right0: np.ndarray  # one-sided derivatives extrapolated to step 0
     left0: np.ndarray
+    flat: np.ndarray  # bool: the loss did not change at all at any step (float resolution)
 
     def take(self, where: np.ndarray, other: Refined, sel: np.ndarray) -> None:
         """Replace this record's entries ``where`` with ``other``'s entries ``sel``."""
@@ -194,8 +195,39 @@ class Refined:
             "step",
             "right0",
             "left0",
+            "flat",
         ):
             getattr(self, name)[where] = getattr(other, name)[sel]
+
+
+def _extrapolate(d: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Richardson values of neighbouring steps and the one with the smallest error estimate.
+
+    ``d``: central differences, one row per step (ratio 2); ``r``: their round-off.
+    Returns (numeric, error) per entry.
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        rich = d[1:] + (d[1:] - d[:-1]) / 3.0  # (n_steps - 1, n)
+        rich_noise = (4.0 * r[1:] + r[:-1]) / 3.0
+        gaps = np.abs(np.diff(rich, axis=0))
+        below = np.full_like(rich, -np.inf)
+        above = np.full_like(rich, -np.inf)
+        below[1:] = gaps
+        above[:-1] = gaps
+        err = np.maximum(below, above) + rich_noise
+    err = np.where(np.isfinite(err) & np.isfinite(rich), err, np.inf)
+    best = np.argmin(err, axis=0)
+    cols = np.arange(d.shape[1])
+    numeric = rich[best, cols]
+    error = err[best, cols]
+    # entries with no finite extrapolation: fall back to the best finite plain difference
+    lost = ~np.isfinite(error)
+    if np.any(lost):
+        plain_err = np.where(np.isfinite(d), r, np.inf)
+        k = np.argmin(plain_err, axis=0)
+        numeric = np.where(lost, d[k, cols], numeric)
+        error = np.where(lost, np.where(np.isfinite(d[k, cols]), np.abs(d[k, cols]), np.inf), error)
+    return numeric, error
 
 
 def refine(
@@ -220,27 +252,20 @@ def refine(
             diffs.append(at_factor(factor))
     d = np.stack([x.central for x in diffs])  # (n_steps, n)
     r = np.stack([x.roundoff(tol) for x in diffs])
+    # Round-off seen in the values themselves: second differences scale as step**2 on a
+    # smooth loss, so what remains of Δ2(s/2) - Δ2(s)/4 is noise (a sigmoid quantised
+    # inside a log, cancellation inside the loss: a staircase) that an estimate
+    # proportional to |f| cannot see. The largest over the pairs of steps counts. A kink
+    # breaks the scaling too, so kink entries keep the model's round-off (below).
     with np.errstate(invalid="ignore", over="ignore"):
-        rich = d[1:] + (d[1:] - d[:-1]) / 3.0  # (n_steps - 1, n)
-        rich_noise = (4.0 * r[1:] + r[:-1]) / 3.0
-        gaps = np.abs(np.diff(rich, axis=0))
-        below = np.full_like(rich, -np.inf)
-        above = np.full_like(rich, -np.inf)
-        below[1:] = gaps
-        above[:-1] = gaps
-        err = np.maximum(below, above) + rich_noise
-    err = np.where(np.isfinite(err) & np.isfinite(rich), err, np.inf)
-    best = np.argmin(err, axis=0)
-    cols = np.arange(d.shape[1])
-    numeric = rich[best, cols]
-    error = err[best, cols]
-    # entries with no finite extrapolation: fall back to the best finite plain difference
-    lost = ~np.isfinite(error)
-    if np.any(lost):
-        plain_err = np.where(np.isfinite(d), r, np.inf)
-        k = np.argmin(plain_err, axis=0)
-        numeric = np.where(lost, d[k, cols], numeric)
-        error = np.where(lost, np.where(np.isfinite(d[k, cols]), np.abs(d[k, cols]), np.inf), error)
+        delta2 = np.stack([x.fp - 2.0 * x.f0 + x.fm for x in diffs])
+        second = np.abs(delta2[1:] - delta2[:-1] / 4.0)
+        seen = np.where(np.isfinite(second), second, 0.0).max(axis=0)
+        steps = np.stack([(x.hp + x.hm) / 2.0 for x in diffs])
+        r_seen = np.maximum(r, seen[None, :] / steps)
+    flat = np.all(np.stack([(x.fp == x.f0) & (x.fm == x.f0) for x in diffs]), axis=0)
+    numeric, error = _extrapolate(d, r_seen)
+    kink_numeric, kink_error = _extrapolate(d, r)
 
     rights = np.stack([x.right for x in diffs])
     lefts = np.stack([x.left for x in diffs])
@@ -255,6 +280,8 @@ def refine(
         hi = np.where(finite, one_sided, -np.inf).max(axis=0)
         gap_small = np.abs(small.right - small.left)
         gap_large = np.abs(large.right - large.left)
+        # (round-off as the model's scale predicts it: a kink also breaks the s**2 scaling
+        # of second differences, so the noise seen in them must not hide the kink)
         noise = 4.0 * small.roundoff(tol)
         truncation = np.maximum(
             np.abs(small.right - before.right), np.abs(small.left - before.left)
@@ -262,6 +289,8 @@ def refine(
         one_sided_noise = noise + np.where(np.isfinite(truncation), truncation, 0.0)
         kink = (gap_small > 0.25 * gap_large) & (gap_small > tol.safety * noise)
     kink = np.where(np.isfinite(gap_small) & np.isfinite(gap_large), kink, False)
+    numeric = np.where(kink, kink_numeric, numeric)
+    error = np.where(kink, kink_error, error)
     return Refined(
         numeric=numeric,
         error=error,
@@ -274,6 +303,7 @@ def refine(
         step=np.minimum(small.hp, small.hm),
         right0=right0,
         left0=left0,
+        flat=flat,
     )
 
 
@@ -332,7 +362,8 @@ def refine_until_resolved(
 
         deeper = refine(closer, closer(1.0), tol)
         with np.errstate(invalid="ignore"):
-            better = deeper.error < r.error[weak]
+            # a loss that stops changing at the smaller steps is below its resolution there
+            better = (deeper.error < r.error[weak]) & ~deeper.flat
         r.take(weak[better], deeper, better)
     return r
 
