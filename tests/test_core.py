@@ -131,15 +131,26 @@ def test_steps_shrink_to_stay_inside_the_domain(mode):
     assert report.blocks[0].worst[0].index == (1,)
 
 
-def test_kink_with_an_impossible_analytic_value_is_a_mismatch():
-    # |t| at 0 has one-sided derivatives -1 and 1; 5 is not a subgradient
-    report = check_flat(
-        lambda t: float(np.sum(np.abs(t))),
-        lambda t: np.sign(t) + 5 * (t == 0),
-        np.array([0.0, 1.0]),
-    )
+def test_kink_outside_the_one_sided_derivatives_is_judged_by_the_backward_beside_it():
+    # |t| at 0 has one-sided derivatives -1 and 1. The value at the kink itself is a
+    # convention the numerics cannot refute (coincident kinks make values outside [-1, 1]
+    # legitimate), so 5 there passes while the backward just off the kink is right
+    # (+-1), and fails when the backward is wrong beside the kink too (+-2).
+    def loss(t):
+        return float(np.sum(np.abs(t)))
+
+    def right_beside(t):
+        return np.sign(t) + 5 * (t == 0)
+
+    def wrong_beside(t):
+        return np.where(np.abs(t) < 1e-3, 2 * np.sign(t) + 5 * (t == 0), np.sign(t))
+
+    t0 = np.array([0.0, 1.0])
+    assert check_flat(loss, right_beside, t0).passed
+    report = check_flat(loss, wrong_beside, t0)
     assert not report.passed
     assert report.blocks[0].worst[0].index == (0,)
+    assert report.blocks[0].worst[0].kink
 
 
 def test_relu_layer_with_preactivations_on_and_near_the_kink_passes():
