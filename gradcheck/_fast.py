@@ -42,26 +42,35 @@ MAX_LOCALIZE = 5
 SCAN_BELOW = 8
 
 
-def _richardson2(
-    ev: Evaluator, v: np.ndarray, s: float, f0: float, tol: Tolerance
-) -> tuple[float, float, Differences, float]:
-    """Directional derivative from steps s and s/2.
+def _first_difference(
+    ev: Evaluator, v: np.ndarray, s: float, f0: float
+) -> tuple[Differences, float]:
+    """Central-difference data along ``v`` with step ``s``, and the step used.
 
-    Returns (value, error estimate, first differences, the step used): a step
-    that leaves the loss's domain is retried 10x smaller, a few times.
+    A step that leaves the loss's domain is retried 10x smaller, a few times.
     """
     for _ in range(6):
         big = line_differences(ev, v, s, f0)
         if np.isfinite(big.fp[0]) and np.isfinite(big.fm[0]):
             break
         s /= 10.0
+    return big, s
+
+
+def _richardson2(
+    ev: Evaluator, v: np.ndarray, big: Differences, s: float, f0: float, tol: Tolerance
+) -> tuple[float, float]:
+    """Directional derivative extrapolated from steps s (``big``, given) and s/2.
+
+    Returns (value, error estimate).
+    """
     small = line_differences(ev, v, s / 2, f0)
     d1, d2 = float(big.central[0]), float(small.central[0])
     value = d2 + (d2 - d1) / 3.0
     # the extrapolation's own error is far below |d2 - d1| on smooth losses; the first
     # pass counts round-off only and sends anything that disagrees to full refinement
     error = 2.0 * float(small.roundoff(tol)[0])
-    return value, error, big, s
+    return value, error
 
 
 class _Probe:
@@ -102,8 +111,16 @@ class _Probe:
         """(passed, analytic, numeric, error, allowed) along ``v``; refined before failing."""
         tol = self.tol
         analytic = float(self.g @ v)
-        numeric, error, first, step = _richardson2(self.ev, v, tol.step, self.f0, tol)
+        first, step = _first_difference(self.ev, v, tol.step, self.f0)
         self.step = step
+        # one central difference (two evaluations) settles a correct block; anything that
+        # disagrees is extrapolated over two steps, then refined, before it fails
+        numeric = float(first.central[0])
+        error = float(first.roundoff(tol)[0])
+        allowed = self.allowed(v, self.block.size, error)
+        if abs(analytic - numeric) <= allowed:
+            return True, analytic, numeric, error, allowed
+        numeric, error = _richardson2(self.ev, v, first, step, self.f0, tol)
         allowed = self.allowed(v, self.block.size, error)
         wanted = allowed - tol.safety * error
         if abs(analytic - numeric) <= allowed:
@@ -138,7 +155,8 @@ class _Probe:
         if self.step >= self.tol.step:
             d = line_differences(self.ev, w, self.tol.step, self.f0)
             return analytic - float(d.central[0])
-        numeric, _, _, _ = _richardson2(self.ev, w, self.step, self.f0, self.tol)
+        big, _ = _first_difference(self.ev, w, self.step, self.f0)
+        numeric, _ = _richardson2(self.ev, w, big, self.step, self.f0, self.tol)
         return analytic - numeric
 
     def entry(self, i: int) -> tuple[Entry, bool]:

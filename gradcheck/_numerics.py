@@ -48,6 +48,8 @@ class Evaluator:
 
     def representable(self, values: np.ndarray) -> np.ndarray:
         """``values`` rounded to the precision the model runs in (so steps are exact)."""
+        if self._round is np.float64:
+            return np.asarray(values, dtype=np.float64)
         return np.asarray(values, dtype=self._round).astype(np.float64)
 
     def point(self, theta: np.ndarray) -> float:
@@ -88,16 +90,18 @@ class Evaluator:
         self.charge(n)
         out = np.empty(n, dtype=np.float64)
         batch = self.problem.loss_batch
-        points = [self.representable(self.theta0 + s * direction) for s in steps]
-        if batch is not None:
-            for start in range(0, n, self.chunk):
-                rows = np.stack(points[start : start + self.chunk])
-                out[start : start + len(rows)] = np.asarray(batch(rows), dtype=np.float64).reshape(
-                    -1
-                )
-            return out
-        for j, p in enumerate(points):
-            out[j] = self.problem.loss(p)
+        for start in range(0, n, self.chunk if batch is not None else 1):
+            part = steps[start : start + self.chunk]
+            rows = np.empty((len(part), self.theta0.size))
+            for row, s in zip(rows, part, strict=True):
+                np.multiply(direction, s, out=row)
+                row += self.theta0
+            rows = self.representable(rows)
+            if batch is not None:
+                values = np.asarray(batch(rows), dtype=np.float64).reshape(-1)
+            else:
+                values = np.array([self.problem.loss(row) for row in rows])
+            out[start : start + len(part)] = values
         return out
 
 

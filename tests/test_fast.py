@@ -27,8 +27,9 @@ def test_correct_models_pass_in_fast_mode(data, activation, seed):
     report = check_gradients(mlp, x, y, loss="mse", mode="fast", seed=seed)
     assert report.passed, str(report)
     assert report.mode == "fast"
-    # four evaluations per block (two steps, both signs) + f0 twice + the gradient
-    assert report.evaluations == 4 * len(report.blocks) + 3
+    # per block one central difference (two evaluations), two more where it needs
+    # extrapolating; + f0 twice + the gradient
+    assert report.evaluations <= 4 * len(report.blocks) + 3
 
 
 @pytest.mark.parametrize("bug", BUGS)
@@ -59,7 +60,8 @@ def test_cost_does_not_grow_with_size():
         report = check_gradients(mlp, x, None, mode="fast", wrt="params")
         assert report.passed
         costs.append(report.evaluations)
-    assert costs[0] == costs[1]
+    # two to four evaluations per block, whatever its size (blocks: W0, b0, W1, b1)
+    assert all(2 * 4 + 3 <= c <= 4 * 4 + 3 for c in costs), costs
 
 
 def test_auto_mode_switches_to_fast_for_large_models_and_says_why():
