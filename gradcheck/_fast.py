@@ -1,9 +1,10 @@
 """Fast mode: random directional probes per block, then localisation of the wrong entries.
 
 Along a direction ``v`` the analytic directional derivative is ``g . v``; the
-numerical one is a central difference of ``t -> loss(theta0 + t v)``, extrapolated
-over two steps (Richardson) with an error estimate. The cost per block is four
-evaluations per probe, whatever the block's size. Directions have entries
+numerical one is a central difference of ``t -> loss(theta0 + t v)``. One
+difference (two evaluations) settles a correct block; one that disagrees is
+extrapolated over two steps (Richardson, two more), then refined with the kink
+test, before it fails. The cost does not depend on the block's size. Directions have entries
 ``±(1 + u) * max(|theta_i|, 1)`` with ``u`` uniform in [0, 1): every entry takes
 part with a weight of at least 1 (a single wrong entry always shows), and
 several wrong entries cancel only with vanishing probability.
