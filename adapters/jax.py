@@ -230,22 +230,22 @@ def _nnx_spec(model: Any) -> _Spec:
 
 
 # --------------------------------------------------------------------------- leaves and names
-def _is_float_array(leaf: Any) -> bool:
+def _is_array_of(leaf: Any, kind: Any) -> bool:
+    """Whether ``leaf`` is a NumPy or JAX array whose dtype is a subtype of ``kind``."""
     dtype = getattr(leaf, "dtype", None)
     return (
         isinstance(leaf, (np.ndarray, np.generic, jax.Array))
         and dtype is not None
-        and jnp.issubdtype(dtype, jnp.floating)
+        and jnp.issubdtype(dtype, kind)
     )
+
+
+def _is_float_array(leaf: Any) -> bool:
+    return _is_array_of(leaf, jnp.floating)
 
 
 def _is_complex_array(leaf: Any) -> bool:
-    dtype = getattr(leaf, "dtype", None)
-    return (
-        isinstance(leaf, (np.ndarray, np.generic, jax.Array))
-        and dtype is not None
-        and jnp.issubdtype(dtype, jnp.complexfloating)
-    )
+    return _is_array_of(leaf, jnp.complexfloating)
 
 
 def _as_float64(leaf: Any) -> Any:

@@ -25,27 +25,6 @@ from ._report import Report as Report
 
 __version__ = "0.1.0"
 
-# the public path in tracebacks and reprs (``gradcheck.GradientCheckError``), not the private module
-for _cls in (
-    GradcheckInputError,
-    GradientCheckError,
-    InvalidOptionError,
-    MissingFrameworkError,
-    ModelError,
-    NonFiniteError,
-    NothingToCheckError,
-    ShapeMismatchError,
-    UnsupportedModelError,
-    Report,
-    BlockResult,
-    Entry,
-    Block,
-    FlatProblem,
-    Tolerance,
-):
-    _cls.__module__ = "gradcheck"
-del _cls
-
 __all__ = [
     "TOLERANCES",
     "Block",
@@ -68,3 +47,10 @@ __all__ = [
     "check_flat",
     "check_gradients",
 ]
+
+# the public path in tracebacks and reprs (``gradcheck.GradientCheckError``), not the private module
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = "gradcheck"
+del _name, _obj
