@@ -423,7 +423,8 @@ def check_flat(
     The core on plain functions: ``loss(theta) -> float`` and
     ``gradient(theta) -> array`` of ``theta``'s shape. ``theta0`` may have any
     shape; it is checked as one block called ``theta`` unless ``blocks`` name
-    slices of its flattened form.
+    slices of its flattened form. The functions receive read-only arrays (the
+    checker reuses them between calls); copy one to change it.
 
     Example:
         >>> import numpy as np
@@ -443,14 +444,14 @@ def check_flat(
     flat0 = start.astype(np.float64).reshape(-1)
 
     def flat_loss(theta: np.ndarray) -> float:
-        value = loss(theta.reshape(shape))
+        value = loss(_read_only(theta.reshape(shape)))
         try:
             return float(value)
         except (TypeError, ValueError):
             raise ModelError(f"loss must return a scalar; got {type(value).__name__}") from None
 
     def flat_gradient(theta: np.ndarray) -> np.ndarray:
-        grad = np.asarray(gradient(theta.reshape(shape)), dtype=np.float64)
+        grad = np.asarray(gradient(_read_only(theta.reshape(shape))), dtype=np.float64)
         if grad.shape != shape:
             raise ShapeMismatchError(f"gradient returned shape {grad.shape}; expected {shape}")
         return grad.reshape(-1)
@@ -460,7 +461,9 @@ def check_flat(
         user_batch = loss_batch
 
         def batch(thetas: np.ndarray) -> np.ndarray:
-            return np.asarray(user_batch(thetas.reshape((-1, *shape))), dtype=np.float64)
+            return np.asarray(
+                user_batch(_read_only(thetas.reshape((-1, *shape)))), dtype=np.float64
+            )
 
     layout = tuple(blocks) if blocks is not None else (Block("theta", tuple(shape), 0),)
     problem = FlatProblem(
@@ -473,3 +476,10 @@ def check_flat(
     )
     opts = CheckOptions(mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals)
     return run_check(problem, opts)
+
+
+def _read_only(view: np.ndarray) -> np.ndarray:
+    """``view`` marked read-only: the checker's points are not the user's to change."""
+    view = view.view()
+    view.flags.writeable = False
+    return view

@@ -1,13 +1,18 @@
-"""Fast mode: random directional probes per block, then localisation of the wrong entries.
+"""Fast mode: random directional probes, then localisation of the wrong entries.
 
 Along a direction ``v`` the analytic directional derivative is ``g . v``; the
-numerical one is a central difference of ``t -> loss(theta0 + t v)``. One
-difference (two evaluations) settles a correct block; one that disagrees is
-extrapolated over two steps (Richardson, two more), then refined with the kink
-test, before it fails. The cost does not depend on the block's size. Directions have entries
-``±(1 + u) * max(|theta_i|, 1)`` with ``u`` uniform in [0, 1): every entry takes
-part with a weight of at least 1 (a single wrong entry always shows), and
-several wrong entries cancel only with vanishing probability.
+numerical one is a central difference of ``t -> loss(theta0 + t v)``. Directions
+have entries ``±(1 + u) * max(|theta_i|, 1)`` with ``u`` uniform in [0, 1): every
+entry takes part with a weight of at least 1 (a single wrong entry always shows),
+and several wrong entries cancel only with vanishing probability.
+
+A direction spans every block and is checked across all of them first: one
+difference (two evaluations) settles a correct model, whatever its size; one that
+disagrees is extrapolated over two steps (Richardson, two more). A direction that
+still disagrees is checked block by block, each block's part refined with the
+kink test before the block fails; the blocks' verdicts are the check's. The step
+along a direction shrinks as ``count ** (-1/3)`` with the number of entries taking
+part (the curvature along a random direction adds up over the entries).
 
 The tolerance is the estimated numerical error (times ``safety``), plus the
 round-off of the dot product, plus ``rtol`` times what one typical entry
@@ -20,7 +25,7 @@ each entry found is then checked like an entry in full mode.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,6 +33,7 @@ from ._diagnosis import diagnose
 from ._numerics import (
     Differences,
     Evaluator,
+    Support,
     coordinate_differences,
     line_differences,
     refine_until_resolved,
@@ -41,107 +47,143 @@ from ._report import MAX_ROWS, BlockResult, Entry
 MAX_LOCALIZE = 5
 #: blocks this small are localised by checking every entry instead of bisecting
 SCAN_BELOW = 8
+#: a direction that fails across this many blocks or fewer is checked on each block;
+#: across more, the blocks are halved until groups this small remain
+SCAN_BLOCKS = 8
 
 
-def _first_difference(
-    ev: Evaluator, v: np.ndarray, s: float, f0: float
-) -> tuple[Differences, float]:
-    """Central-difference data along ``v`` with step ``s``, and the step used.
+def _contiguous(members: np.ndarray) -> Support:
+    """``members`` (sorted indices) as a slice where they are a run, else as they are."""
+    if members.size and int(members[-1]) - int(members[0]) + 1 == members.size:
+        return slice(int(members[0]), int(members[-1]) + 1)
+    return members
 
-    A step that leaves the loss's domain is retried 10x smaller, a few times.
+
+@dataclass(frozen=True)
+class _Verdict:
+    """One direction's comparison."""
+
+    passed: bool
+    analytic: float
+    numeric: float
+    error: float
+    allowed: float
+    shrink: (
+        float  # the first difference's step over the nominal one (< 1: the loss left its domain)
+    )
+
+    @property
+    def residual(self) -> float:
+        return self.analytic - self.numeric
+
+
+class _Line:
+    """Compares the analytic ``g . v`` with numerical derivatives along directions ``v``.
+
+    A direction is a full-length vector; ``support`` names its nonzero entries (a
+    slice or an index array), so that the work per evaluation is O(support).
     """
-    for _ in range(6):
-        big = line_differences(ev, v, s, f0)
-        if np.isfinite(big.fp[0]) and np.isfinite(big.fm[0]):
-            break
-        s /= 10.0
-    return big, s
 
+    def __init__(self, ev: Evaluator, g: np.ndarray, f0: float, tol: Tolerance) -> None:
+        self.ev, self.g, self.f0, self.tol = ev, g, f0, tol
 
-def _richardson2(
-    ev: Evaluator, v: np.ndarray, big: Differences, s: float, f0: float, tol: Tolerance
-) -> tuple[float, float]:
-    """Directional derivative extrapolated from steps s (``big``, given) and s/2.
+    def step(self, count: int) -> float:
+        """The first step along a direction in which ``count`` entries take part.
 
-    Returns (value, error estimate).
-    """
-    small = line_differences(ev, v, s / 2, f0)
-    d1, d2 = float(big.central[0]), float(small.central[0])
-    value = d2 + (d2 - d1) / 3.0
-    # the extrapolation's own error is far below |d2 - d1| on smooth losses; the first
-    # pass counts round-off only and sends anything that disagrees to full refinement
-    error = 2.0 * float(small.roundoff(tol)[0])
-    return value, error
+        Each entry moves by about the step of a coordinate difference times
+        ``count ** (-1/3)``: along a random direction the curvature adds up over the
+        entries (the truncation error of a difference grows about as fast as
+        ``count`` while ``g . v`` grows as its square root), the round-off does not.
+        In float32 the step stays the coordinate one: rounding the perturbed point
+        to float32 would swamp smaller steps.
+        """
+        if self.tol.eps > 1e-12:
+            return self.tol.step
+        return self.tol.step / max(count, 1) ** (1.0 / 3.0)
+
+    def differences(self, v: np.ndarray, support: Support, s: float) -> Differences:
+        return line_differences(self.ev, v, s, self.f0, support)
+
+    def first(self, v: np.ndarray, support: Support, s: float) -> tuple[Differences, float]:
+        """Central-difference data with step ``s``, and the step used.
+
+        A step that leaves the loss's domain is retried 10x smaller, a few times.
+        """
+        for _ in range(6):
+            big = self.differences(v, support, s)
+            if np.isfinite(big.fp[0]) and np.isfinite(big.fm[0]):
+                break
+            s /= 10.0
+        return big, s
+
+    def richardson2(
+        self, v: np.ndarray, support: Support, big: Differences, s: float
+    ) -> tuple[float, float]:
+        """Directional derivative extrapolated from steps s (``big``, given) and s/2.
+
+        Returns (value, error estimate).
+        """
+        small = self.differences(v, support, s / 2)
+        d1, d2 = float(big.central[0]), float(small.central[0])
+        value = d2 + (d2 - d1) / 3.0
+        # the extrapolation's own error is far below |d2 - d1| on smooth losses; the
+        # first pass counts round-off only and sends anything that disagrees on
+        error = 2.0 * float(small.roundoff(self.tol)[0])
+        return value, error
+
+    def allowed(self, v: np.ndarray, support: Support, count: int, error: float) -> float:
+        """``safety`` x error + round-off of the dot product + rtol x one entry's typical share."""
+        tol = self.tol
+        terms = self.g[support] * v[support]
+        l1 = float(np.sum(np.abs(terms)))
+        l2 = float(np.sqrt(np.dot(terms, terms)))
+        typical = l2 / math.sqrt(max(count, 1))
+        return tol.safety * error + tol.noise * tol.eps * l1 + tol.rtol * typical
+
+    def check(self, v: np.ndarray, support: Support, count: int, refine: bool = True) -> _Verdict:
+        """``g . v`` against the numerical derivative along ``v`` (``count`` entries take part).
+
+        One central difference (two evaluations) settles a direction that agrees;
+        one that disagrees is extrapolated over two steps (two more), then, with
+        ``refine``, refined with the kink test before it fails.
+        """
+        tol, g = self.tol, self.g
+        analytic = float(np.dot(g[support], v[support]))
+        first, step = self.first(v, support, self.step(count))
+
+        def verdict(numeric: float, error: float, passed: bool | None = None) -> _Verdict:
+            allowed = self.allowed(v, support, count, error)
+            ok = abs(analytic - numeric) <= allowed if passed is None else passed
+            return _Verdict(ok, analytic, numeric, error, allowed, step / self.step(count))
+
+        result = verdict(float(first.central[0]), float(first.roundoff(tol)[0]))
+        if result.passed:
+            return result
+        result = verdict(*self.richardson2(v, support, first, step))
+        if result.passed or not refine:
+            return result
+        ev, f0 = self.ev, self.f0
+        wanted = result.allowed - tol.safety * result.error
+        r = refine_until_resolved(
+            lambda factor, sel: line_differences(ev, v, step * factor, f0, support),
+            first,
+            tol,
+            np.array([wanted]),
+        )
+        result = verdict(float(r.numeric[0]), float(r.error[0]))
+        if result.passed or not bool(r.kink[0]):
+            return result
+        slack = result.allowed + tol.safety * float(r.one_sided_noise[0])
+        return verdict(result.numeric, result.error, r.lo[0] - slack <= analytic <= r.hi[0] + slack)
 
 
 class _Probe:
     """One block's directional check and, on failure, its localisation."""
 
-    def __init__(
-        self,
-        ev: Evaluator,
-        block: Block,
-        g: np.ndarray,
-        f0: float,
-        tol: Tolerance,
-        scale: np.ndarray,
-        rng: np.random.Generator,
-    ) -> None:
-        self.ev, self.block, self.g, self.f0, self.tol = ev, block, g, f0, tol
-        self.scale = scale
-        self.rng = rng
-        self.step = tol.step  # of the last direction checked
-
-    def direction(self) -> np.ndarray:
-        b = self.block
-        signs = self.rng.choice(np.array([-1.0, 1.0]), size=b.size)
-        weights = signs * (1.0 + self.rng.random(b.size)) * self.scale[b.slice]
-        v = np.zeros(self.ev.theta0.size)
-        v[b.slice] = weights
-        return v
-
-    def allowed(self, v: np.ndarray, support: int, error: float) -> float:
-        tol = self.tol
-        terms = self.g * v
-        l1 = float(np.sum(np.abs(terms)))
-        l2 = float(np.sqrt(np.sum(terms**2)))
-        typical = l2 / math.sqrt(max(support, 1))
-        return tol.safety * error + tol.noise * tol.eps * l1 + tol.rtol * typical
-
-    def check_direction(self, v: np.ndarray) -> tuple[bool, float, float, float, float]:
-        """(passed, analytic, numeric, error, allowed) along ``v``; refined before failing."""
-        tol = self.tol
-        analytic = float(self.g @ v)
-        first, step = _first_difference(self.ev, v, tol.step, self.f0)
-        self.step = step
-        # one central difference (two evaluations) settles a correct block; anything that
-        # disagrees is extrapolated over two steps, then refined, before it fails
-        numeric = float(first.central[0])
-        error = float(first.roundoff(tol)[0])
-        allowed = self.allowed(v, self.block.size, error)
-        if abs(analytic - numeric) <= allowed:
-            return True, analytic, numeric, error, allowed
-        numeric, error = _richardson2(self.ev, v, first, step, self.f0, tol)
-        allowed = self.allowed(v, self.block.size, error)
-        wanted = allowed - tol.safety * error
-        if abs(analytic - numeric) <= allowed:
-            return True, analytic, numeric, error, allowed
-        ev, f0 = self.ev, self.f0
-        r = refine_until_resolved(
-            lambda factor, sel: line_differences(ev, v, step * factor, f0),
-            first,
-            tol,
-            np.array([wanted]),
-        )
-        numeric, error = float(r.numeric[0]), float(r.error[0])
-        allowed = self.allowed(v, self.block.size, error)
-        if abs(analytic - numeric) <= allowed:
-            return True, analytic, numeric, error, allowed
-        if bool(r.kink[0]):
-            slack = allowed + tol.safety * float(r.one_sided_noise[0])
-            if r.lo[0] - slack <= analytic <= r.hi[0] + slack:
-                return True, analytic, numeric, error, allowed
-        return False, analytic, numeric, error, allowed
+    def __init__(self, line: _Line, block: Block) -> None:
+        self.line, self.block = line, block
+        self.ev, self.g, self.f0, self.tol = line.ev, line.g, line.f0, line.tol
+        self.shrink = 1.0  # of the failing direction being localised (see `_Verdict`)
 
     def residual(self, v: np.ndarray, members: np.ndarray) -> float:
         """analytic - numeric along ``v`` restricted to ``members``.
@@ -150,14 +192,14 @@ class _Probe:
         an error); where the direction's step had to shrink to stay in the loss's
         domain, the curvature is large, and two steps are extrapolated instead.
         """
-        w = np.zeros_like(v)
-        w[members] = v[members]
-        analytic = float(self.g[members] @ v[members])
-        if self.step >= self.tol.step:
-            d = line_differences(self.ev, w, self.tol.step, self.f0)
+        line, support = self.line, _contiguous(members)
+        analytic = float(np.dot(self.g[support], v[support]))
+        step = line.step(members.size)
+        if self.shrink >= 1.0:
+            d = line.differences(v, support, step)
             return analytic - float(d.central[0])
-        big, _ = _first_difference(self.ev, w, self.step, self.f0)
-        numeric, _ = _richardson2(self.ev, w, big, self.step, self.f0, self.tol)
+        big, step = line.first(v, support, step * self.shrink)
+        numeric, _ = line.richardson2(v, support, big, step)
         return analytic - numeric
 
     def entry(self, i: int) -> tuple[Entry, bool]:
@@ -227,22 +269,24 @@ class _Probe:
             remaining = remaining[remaining != i]
             if not remaining.size:
                 return found, True
-            rest = np.zeros_like(v)
-            rest[remaining] = v[remaining]
-            ok, analytic, numeric, _, _ = self.check_direction(rest)
-            if ok:
+            verdict = self.line.check(v, _contiguous(remaining), remaining.size)
+            if verdict.passed:
                 return found, True
-            residual = analytic - numeric
+            residual = verdict.residual
         return found, False
 
-    def run(self, probes: int) -> BlockResult:
+    def run(self, directions: list[np.ndarray], probes: int) -> BlockResult:
+        """Check the block along ``directions`` (their part in it); localise the first failure.
+
+        ``probes``: how many random directions the check drew; those not given here
+        agreed across all blocks, and so count as passed in this one.
+        """
         b = self.block
         failures = []
-        for _ in range(probes):
-            v = self.direction()
-            ok, analytic, numeric, error, allowed = self.check_direction(v)
-            if not ok:
-                failures.append((v, analytic, numeric, error, allowed, self.step))
+        for v in directions:
+            verdict = self.line.check(v, b.slice, b.size)
+            if not verdict.passed:
+                failures.append((v, verdict))
         result = BlockResult(
             name=b.name,
             shape=b.shape,
@@ -254,8 +298,10 @@ class _Probe:
         )
         if not failures:
             return result
-        v, analytic, numeric, error, allowed, self.step = failures[0]
-        found, finished = self.localize(v, analytic - numeric)
+        v, verdict = failures[0]
+        self.shrink = verdict.shrink
+        analytic, numeric = verdict.analytic, verdict.numeric
+        found, finished = self.localize(v, verdict.residual)
         found.sort(key=lambda e: -e.abs_diff)
         diagnosis = None
         if found:
@@ -300,6 +346,21 @@ def _direction_diagnosis(ratio: float) -> str | None:
     return None
 
 
+def _direction(rng: np.random.Generator, scale: np.ndarray) -> np.ndarray:
+    """Entries ``±(1 + u) * scale_i``, ``u`` uniform in [0, 1), independent signs."""
+    u = rng.random(scale.size, dtype=np.float32).astype(np.float64)
+    u -= 0.5  # sign and magnitude from one draw: |2u| is uniform in [0, 1)
+    v = np.copysign(1.0, u)
+    v += 2.0 * u
+    v *= scale
+    return v
+
+
+def _span(blocks: list[Block]) -> Support:
+    """The entries of ``blocks``, as a slice where they are one run."""
+    return _contiguous(np.concatenate([np.arange(b.offset, b.offset + b.size) for b in blocks]))
+
+
 def run_fast(
     problem: FlatProblem,
     ev: Evaluator,
@@ -308,17 +369,46 @@ def run_fast(
     tol: Tolerance,
     options: CheckOptions,
 ) -> tuple[list[BlockResult], list[str]]:
-    """Fast mode over every block; returns the block results and warnings."""
+    """Fast mode over every block; returns the block results and warnings.
+
+    Each random direction spans every block and is first checked across all of
+    them: two evaluations when it agrees, two more to extrapolate. A direction
+    that still disagrees is narrowed down to blocks: up to `SCAN_BLOCKS` blocks
+    are checked one by one, more are halved (group testing: a half along which the
+    direction agrees passes as a whole). Each block checked on its own gets the
+    full refinement and kink test; those verdicts are the check's, and a failing
+    block is localised.
+    """
     rng = np.random.default_rng([options.seed & 0xFFFFFFFF, 0xFA57])
     scale = np.maximum(np.abs(problem.theta0), 1.0)
-    results = []
-    for block in problem.blocks:
-        probe = _Probe(ev, block, g, f0, tol, scale, rng)
-        results.append(probe.run(options.probes))
+    line = _Line(ev, g, f0, tol)
+    probes = options.probes
+    results: dict[int, BlockResult] = {}  # by id() of the block
+
+    def screen(group: list[Block], directions: list[np.ndarray]) -> list[np.ndarray]:
+        """The directions that disagree along ``group`` (extrapolated, not refined)."""
+        support, count = _span(group), sum(b.size for b in group)
+        return [v for v in directions if not line.check(v, support, count, refine=False).passed]
+
+    def settle(group: list[Block], directions: list[np.ndarray]) -> None:
+        """Verdicts for ``group``, along which ``directions`` disagree (none: all pass)."""
+        if not directions or len(group) <= SCAN_BLOCKS:
+            for block in group:
+                results[id(block)] = _Probe(line, block).run(directions, probes)
+            return
+        half = len(group) // 2
+        for part in (group[:half], group[half:]):
+            settle(part, screen(part, directions) if len(part) > 1 else directions)
+
+    blocks = list(problem.blocks)
+    failing = []  # only directions that fail are kept (O(P) each)
+    for _ in range(probes):
+        failing += screen(blocks, [_direction(rng, scale)])
+    settle(blocks, failing)
     warnings = []
-    if any(r.mismatches for r in results):
+    if any(r.mismatches for r in results.values()):
         warnings.append(
             "fast mode: a failing block is localised by bisection; "
             "run mode='full' to compare every entry"
         )
-    return results, warnings
+    return [results[id(b)] for b in blocks], warnings

@@ -23,6 +23,9 @@ _FIRST = REFINE_FACTORS.index(1.0)
 
 _ROUND = {"float64": np.float64, "float32": np.float32}
 
+#: Entries of a direction that may be nonzero: a slice or an index array.
+Support = slice | np.ndarray
+
 
 class BudgetExhausted(Exception):
     """Raised inside the checker when ``max_evals`` would be exceeded."""
@@ -36,7 +39,7 @@ class Evaluator:
         self.max_evals = max_evals
         self.count = 0
         self.theta0 = problem.theta0
-        self._work = problem.theta0.copy()
+        self._rows: np.ndarray | None = None
         size = max(problem.size, 1)
         self.chunk = max(1, min(problem.max_batch, BATCH_BYTES // (8 * size)))
         self._round = _ROUND.get(problem.precision, np.float64)
@@ -60,48 +63,63 @@ class Evaluator:
             return float(np.asarray(batch(theta[None, :]), dtype=np.float64).reshape(-1)[0])
         return float(self.problem.loss(theta))
 
+    def _buffer(self, k: int) -> np.ndarray:
+        """``k`` rows equal to ``theta0``, kept between calls: each call writes only the
+        entries it perturbs and puts them back (O(entries), not O(P), per evaluation)."""
+        rows = self._rows
+        if rows is None or rows.shape[0] < k:
+            rows = self._rows = np.repeat(self.theta0[None, :], k, axis=0)
+        return rows[:k]
+
+    def _values(self, rows: np.ndarray) -> np.ndarray:
+        batch = self.problem.loss_batch
+        if batch is not None:
+            return np.asarray(batch(rows), dtype=np.float64).reshape(-1)
+        return np.array([self.problem.loss(row) for row in rows], dtype=np.float64)
+
     def coordinates(self, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
         """The loss at ``theta0`` with entry ``idx[j]`` set to ``values[j]``, for every ``j``."""
         n = len(idx)
         self.charge(n)
         out = np.empty(n, dtype=np.float64)
-        batch = self.problem.loss_batch
-        if batch is not None:
-            for start in range(0, n, self.chunk):
-                stop = min(start + self.chunk, n)
-                rows = np.repeat(self.theta0[None, :], stop - start, axis=0)
-                rows[np.arange(stop - start), idx[start:stop]] = values[start:stop]
-                out[start:stop] = np.asarray(batch(rows), dtype=np.float64).reshape(-1)
-            return out
-        work = self._work
-        loss = self.problem.loss
-        for j in range(n):
-            i = idx[j]
-            work[i] = values[j]
+        width = self.chunk if self.problem.loss_batch is not None else 1
+        for start in range(0, n, width):
+            stop = min(start + width, n)
+            rows = self._buffer(stop - start)
+            at = (np.arange(stop - start), idx[start:stop])
+            rows[at] = values[start:stop]
             try:
-                out[j] = loss(work)
+                out[start:stop] = self._values(rows)
             finally:
-                work[i] = self.theta0[i]
+                rows[at] = self.theta0[idx[start:stop]]
         return out
 
-    def along(self, direction: np.ndarray, steps: np.ndarray) -> np.ndarray:
-        """The loss at ``theta0 + s * direction`` for every ``s`` in ``steps``."""
+    def along(
+        self, direction: np.ndarray, steps: np.ndarray, support: Support | None = None
+    ) -> np.ndarray:
+        """The loss at ``theta0 + s * direction`` for every ``s`` in ``steps``.
+
+        ``support`` (a slice or index array) names the entries where ``direction``
+        is nonzero, if known: only those are touched (O(support) work per row).
+        """
         n = len(steps)
         self.charge(n)
         out = np.empty(n, dtype=np.float64)
-        batch = self.problem.loss_batch
-        for start in range(0, n, self.chunk if batch is not None else 1):
-            part = steps[start : start + self.chunk]
-            rows = np.empty((len(part), self.theta0.size))
-            for row, s in zip(rows, part, strict=True):
-                np.multiply(direction, s, out=row)
-                row += self.theta0
-            rows = self.representable(rows)
-            if batch is not None:
-                values = np.asarray(batch(rows), dtype=np.float64).reshape(-1)
-            else:
-                values = np.array([self.problem.loss(row) for row in rows])
-            out[start : start + len(part)] = values
+        where: Support = slice(None) if support is None else support
+        part_of = direction[where]
+        base = self.theta0[where]
+        width = self.chunk if self.problem.loss_batch is not None else 1
+        for start in range(0, n, width):
+            part = steps[start : start + width]
+            rows = self._buffer(len(part))
+            try:
+                for row, s in zip(rows, part, strict=True):
+                    moved = s * part_of
+                    moved += base
+                    row[where] = self.representable(moved)
+                out[start : start + len(part)] = self._values(rows)
+            finally:
+                rows[:, where] = base
         return out
 
 
@@ -184,6 +202,7 @@ class Refined:
     right0: np.ndarray  # one-sided derivatives extrapolated to step 0
     left0: np.ndarray
     flat: np.ndarray  # bool: the loss did not change at all at any step (float resolution)
+    floor: np.ndarray  # the model's round-off in the extrapolation from the largest steps
 
     def take(self, where: np.ndarray, other: Refined, sel: np.ndarray) -> None:
         """Replace this record's entries ``where`` with ``other``'s entries ``sel``."""
@@ -200,6 +219,7 @@ class Refined:
             "right0",
             "left0",
             "flat",
+            "floor",
         ):
             getattr(self, name)[where] = getattr(other, name)[sel]
 
@@ -269,6 +289,8 @@ def refine(
         r_seen = np.maximum(r, seen[None, :] / steps)
     flat = np.all(np.stack([(x.fp == x.f0) & (x.fm == x.f0) for x in diffs]), axis=0)
     numeric, error = _extrapolate(d, r_seen)
+    with np.errstate(invalid="ignore", over="ignore"):
+        floor = np.min((4.0 * r[1:] + r[:-1]) / 3.0, axis=0)
     kink_numeric, kink_error = _extrapolate(d, r)
 
     rights = np.stack([x.right for x in diffs])
@@ -308,6 +330,7 @@ def refine(
         right0=right0,
         left0=left0,
         flat=flat,
+        floor=floor,
     )
 
 
@@ -352,12 +375,16 @@ def refine_until_resolved(
     tell a small bug from numerical error: a loss whose curvature scale is far below
     the step (``log`` or ``1/x`` of a tiny entry, a kink within the step) is then
     probed 16x and 256x closer, keeping whichever estimate has the smaller error.
+    Where the error is round-off already, smaller steps cannot help (round-off
+    grows as the step shrinks), and they are not tried.
     """
     everyone = np.arange(len(first.fp))
     r = refine(lambda factor: at(factor, everyone), first, tol)
+    taken_at = np.ones(len(first.fp))  # the step factor of each entry's current estimate
     for shrink in DEEPER:
         with np.errstate(invalid="ignore"):
-            weak = np.flatnonzero(~(tol.safety * r.error <= wanted))
+            could_help = ~(r.error <= r.floor * (taken_at / shrink))
+            weak = np.flatnonzero(~(tol.safety * r.error <= wanted) & could_help)
         if not weak.size:
             break
 
@@ -369,11 +396,17 @@ def refine_until_resolved(
             # a loss that stops changing at the smaller steps is below its resolution there
             better = (deeper.error < r.error[weak]) & ~deeper.flat
         r.take(weak[better], deeper, better)
+        taken_at[weak[better]] = shrink
     return r
 
 
-def line_differences(ev: Evaluator, direction: np.ndarray, s: float, f0: float) -> Differences:
-    """Central-difference data along ``theta0 + t * direction`` with step ``s``."""
-    fp, fm = ev.along(direction, np.array([s, -s]))
+def line_differences(
+    ev: Evaluator, direction: np.ndarray, s: float, f0: float, support: Support | None = None
+) -> Differences:
+    """Central-difference data along ``theta0 + t * direction`` with step ``s``.
+
+    ``support``: where ``direction`` is nonzero, if known (see `Evaluator.along`).
+    """
+    fp, fm = ev.along(direction, np.array([s, -s]), support)
     one = np.ones(1)
     return Differences(f0=f0, fp=np.array([fp]), fm=np.array([fm]), hp=s * one, hm=s * one)

@@ -248,9 +248,13 @@ def _blocks(n: int, all_: str = "") -> str:
 
 
 def _header(report: Report) -> list[str]:
-    what = "directions" if report.mode == "fast" else "entries"
+    if report.mode == "fast":
+        k = max((b.checked for b in report.blocks), default=0)
+        checked = f"{k} random direction{'s' if k != 1 else ''} across all blocks"
+    else:
+        checked = f"{report.entries_checked:,} entries"
     summary = (
-        f"checked {report.entries_checked:,} {what}, "
+        f"checked {checked}, "
         f"{report.mode} mode, {report.precision}, {report.evaluations:,} evaluations, "
         f"{report.elapsed:.2f}s"
     )

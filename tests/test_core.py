@@ -449,3 +449,43 @@ def test_relu_mlp_with_a_zero_input_row_passes():
     x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
     x[2] = 0.0
     assert check_gradients(mlp, x, y, loss="mse").passed
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+@pytest.mark.parametrize("batched", [False, True])
+def test_points_differ_from_theta0_only_where_perturbed_and_are_read_only(mode, batched):
+    # the evaluator reuses its buffers between calls and puts back what it perturbs:
+    # each point in full mode differs from theta0 in one entry, and no point is writable
+    rng = np.random.default_rng(4)
+    t0 = rng.normal(size=12)
+    seen: list[np.ndarray] = []
+
+    def f(t):
+        assert not t.flags.writeable
+        seen.append(np.array(t))
+        return float(np.sum(np.sin(t)))
+
+    def f_batch(ts):
+        assert not ts.flags.writeable
+        return np.array([f(t) for t in ts])
+
+    report = check_flat(f, np.cos, t0, mode=mode, loss_batch=f_batch if batched else None, seed=2)
+    assert report.passed
+    changed = [int(np.sum(p != t0)) for p in seen]
+    assert changed.count(0) >= 2  # theta0 itself, twice (the determinism check)
+    if mode == "full":
+        assert set(changed) == {0, 1}
+        assert sorted(np.flatnonzero(p != t0)[0] for p in seen if np.any(p != t0)) == sorted(
+            list(range(12)) * 2
+        )
+    else:  # one direction across the whole vector
+        assert set(changed) == {0, 12}
+
+
+def test_a_loss_that_writes_into_its_argument_gets_a_clear_error():
+    def f(t):
+        t[0] = 0.0
+        return float(np.sum(t**2))
+
+    with pytest.raises(ValueError, match="read-only"):
+        check_flat(f, lambda t: 2 * t, np.ones(3))

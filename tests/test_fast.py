@@ -1,4 +1,4 @@
-"""Fast mode: directional probes per block, localisation by bisection, auto mode's choice.
+"""Fast mode: one probe across all blocks, per block where it fails, bisection, auto mode.
 
 Oracle: the reference MLP (correct backward) and its planted bugs at known places.
 """
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from test_reference import EXPECTED_BLOCKS
 
-from gradcheck import check_gradients
+import gradcheck._fast
+from gradcheck import Block, check_flat, check_gradients
 from gradcheck.reference import BUGS, MLP
 
 
@@ -27,9 +28,9 @@ def test_correct_models_pass_in_fast_mode(data, activation, seed):
     report = check_gradients(mlp, x, y, loss="mse", mode="fast", seed=seed)
     assert report.passed, str(report)
     assert report.mode == "fast"
-    # per block one central difference (two evaluations), two more where it needs
-    # extrapolating; + f0 twice + the gradient
-    assert report.evaluations <= 4 * len(report.blocks) + 3
+    # one central difference across all blocks (two evaluations), two more where it
+    # needs extrapolating; + f0 twice + the gradient
+    assert report.evaluations <= 4 + 3
 
 
 @pytest.mark.parametrize("bug", BUGS)
@@ -60,8 +61,8 @@ def test_cost_does_not_grow_with_size():
         report = check_gradients(mlp, x, None, mode="fast", wrt="params")
         assert report.passed
         costs.append(report.evaluations)
-    # two to four evaluations per block, whatever its size (blocks: W0, b0, W1, b1)
-    assert all(2 * 4 + 3 <= c <= 4 * 4 + 3 for c in costs), costs
+    # two to four evaluations along one direction across all blocks, whatever their size
+    assert all(2 + 3 <= c <= 4 + 3 for c in costs), costs
 
 
 def test_auto_mode_switches_to_fast_for_large_models_and_says_why():
@@ -79,3 +80,41 @@ def test_fast_mode_respects_the_evaluation_budget(data):
     mlp = MLP([40, 25, 3], seed=5).with_bug("one_entry")
     report = check_gradients(mlp, x, y, loss="mse", mode="fast", max_evals=12)
     assert not report.passed and "max_evals=12" in (report.problem or "")
+
+
+def _many_blocks_problem(wrong: dict[int, tuple[int, float]]):
+    """40 blocks of 12 entries; a smooth loss whose gradient is scaled where ``wrong`` says.
+
+    Oracle: the exact gradient of sum(sin(t) * w) is cos(t) * w.
+    """
+    rng = np.random.default_rng(7)
+    t0 = rng.normal(size=480)
+    w = rng.uniform(0.5, 2.0, size=480)
+    blocks = [Block(f"p{k}", (3, 4), 12 * k) for k in range(40)]
+    factor = np.ones(480)
+    for k, (i, f) in wrong.items():
+        factor[12 * k + i] = f
+
+    def loss(t):
+        return float(np.sum(np.sin(t) * w))
+
+    def grad(t):
+        return np.cos(t) * w * factor
+
+    return loss, grad, t0, blocks
+
+
+def test_many_blocks_are_narrowed_down_by_halving_not_one_by_one(monkeypatch):
+    loss, grad, t0, blocks = _many_blocks_problem({})
+    assert check_flat(loss, grad, t0, blocks=blocks, mode="fast").passed
+    loss, grad, t0, blocks = _many_blocks_problem({17: (5, 1.01), 31: (0, -1.0)})
+    report = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert [b.name for b in report.failed_blocks] == ["p17", "p31"]
+    assert report.block("p17").worst[0].index == (1, 1)
+    assert report.block("p31").worst[0].index == (0, 0)
+    assert all(b.checked == 1 for b in report.blocks)
+    # the same verdicts, checking each of the 40 blocks on its own, cost more
+    monkeypatch.setattr(gradcheck._fast, "SCAN_BLOCKS", 10**6)
+    one_by_one = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert [b.name for b in one_by_one.failed_blocks] == ["p17", "p31"]
+    assert report.evaluations < one_by_one.evaluations
