@@ -43,8 +43,9 @@ def check_gradients(
             NumPy a ``(loss, loss_grad)`` pair. Default: ``"mse"`` when ``y`` is given.
         wrt: check ``"all"`` blocks, only ``"params"`` or only ``"inputs"``.
         mode: ``"full"`` compares every entry (about 2 evaluations each);
-            ``"fast"`` probes random directions per block at a cost independent of
-            the size, then localises wrong entries; ``"auto"`` (default) runs full
+            ``"fast"`` probes a random direction across all blocks at a cost
+            independent of the size (per block only where it disagrees), then
+            localises wrong entries; ``"auto"`` (default) runs full
             up to 20,000 entries and fast above. The report says which ran.
         seed: seeds every random choice (directions, the output projection, the
             RNG reset before each evaluation); the same seed gives the same report.

@@ -2,17 +2,17 @@
 
 Along a direction ``v`` the analytic directional derivative is ``g . v``; the
 numerical one is a central difference of ``t -> loss(theta0 + t v)``. Directions
-have entries ``±(1 + u) * max(|theta_i|, 1)`` with ``u`` uniform in [0, 1): every
-entry takes part with a weight of at least 1 (a single wrong entry always shows),
-and several wrong entries cancel only with vanishing probability.
+have entries ``±(1 + u) * max(|theta_i|, 1) * n_b ** (-1/3)`` with ``u`` uniform in
+[0, 1) and ``n_b`` the size of the entry's block (see `_block_weights`): every
+entry of a block takes part with a weight of at least that block's (a single wrong
+entry always shows), and several wrong entries cancel only with vanishing
+probability.
 
 A direction spans every block and is checked across all of them first: one
 difference (two evaluations) settles a correct model, whatever its size; one that
 disagrees is extrapolated over two steps (Richardson, two more). A direction that
 still disagrees is checked block by block, each block's part refined with the
-kink test before the block fails; the blocks' verdicts are the check's. The step
-along a direction shrinks as ``count ** (-1/3)`` with the number of entries taking
-part (the curvature along a random direction adds up over the entries).
+kink test before the block fails; the blocks' verdicts are the check's.
 
 The tolerance is the estimated numerical error (times ``safety``), plus the
 round-off of the dot product, plus ``rtol`` times what one typical entry
@@ -87,20 +87,6 @@ class _Line:
     def __init__(self, ev: Evaluator, g: np.ndarray, f0: float, tol: Tolerance) -> None:
         self.ev, self.g, self.f0, self.tol = ev, g, f0, tol
 
-    def step(self, count: int) -> float:
-        """The first step along a direction in which ``count`` entries take part.
-
-        Each entry moves by about the step of a coordinate difference times
-        ``count ** (-1/3)``: along a random direction the curvature adds up over the
-        entries (the truncation error of a difference grows about as fast as
-        ``count`` while ``g . v`` grows as its square root), the round-off does not.
-        In float32 the step stays the coordinate one: rounding the perturbed point
-        to float32 would swamp smaller steps.
-        """
-        if self.tol.eps > 1e-12:
-            return self.tol.step
-        return self.tol.step / max(count, 1) ** (1.0 / 3.0)
-
     def differences(self, v: np.ndarray, support: Support, s: float) -> Differences:
         return line_differences(self.ev, v, s, self.f0, support)
 
@@ -149,12 +135,12 @@ class _Line:
         """
         tol, g = self.tol, self.g
         analytic = float(np.dot(g[support], v[support]))
-        first, step = self.first(v, support, self.step(count))
+        first, step = self.first(v, support, tol.step)
 
         def verdict(numeric: float, error: float, passed: bool | None = None) -> _Verdict:
             allowed = self.allowed(v, support, count, error)
             ok = abs(analytic - numeric) <= allowed if passed is None else passed
-            return _Verdict(ok, analytic, numeric, error, allowed, step / self.step(count))
+            return _Verdict(ok, analytic, numeric, error, allowed, step / tol.step)
 
         result = verdict(float(first.central[0]), float(first.roundoff(tol)[0]))
         if result.passed:
@@ -194,7 +180,7 @@ class _Probe:
         """
         line, support = self.line, _contiguous(members)
         analytic = float(np.dot(self.g[support], v[support]))
-        step = line.step(members.size)
+        step = self.tol.step
         if self.shrink >= 1.0:
             d = line.differences(v, support, step)
             return analytic - float(d.central[0])
@@ -346,6 +332,25 @@ def _direction_diagnosis(ratio: float) -> str | None:
     return None
 
 
+def _block_weights(problem: FlatProblem, tol: Tolerance) -> np.ndarray:
+    """Per entry, how far a direction moves it relative to a coordinate step.
+
+    ``max(|theta_i|, 1) * n_b ** (-1/3)`` in float64, ``n_b`` the size of the
+    entry's block: along a random direction in ``n`` entries the curvature adds up
+    over the entries (the truncation error of a difference grows about as ``n``,
+    ``g . v`` as its square root), the round-off does not; the smaller step keeps
+    the two balanced. Each block's part of a direction across all blocks moves as a
+    probe of that block alone would, so that a block of few entries is seen at its
+    own resolution, not at that of the largest block. In float32 the factor is 1:
+    rounding the perturbed point to float32 would swamp smaller moves.
+    """
+    weights = np.maximum(np.abs(problem.theta0), 1.0)
+    if tol.eps <= 1e-12:
+        for b in problem.blocks:
+            weights[b.slice] *= max(b.size, 1) ** (-1.0 / 3.0)
+    return weights
+
+
 def _direction(rng: np.random.Generator, scale: np.ndarray) -> np.ndarray:
     """Entries ``±(1 + u) * scale_i``, ``u`` uniform in [0, 1), independent signs."""
     u = rng.random(scale.size, dtype=np.float32).astype(np.float64)
@@ -380,7 +385,7 @@ def run_fast(
     block is localised.
     """
     rng = np.random.default_rng([options.seed & 0xFFFFFFFF, 0xFA57])
-    scale = np.maximum(np.abs(problem.theta0), 1.0)
+    scale = _block_weights(problem, tol)
     line = _Line(ev, g, f0, tol)
     probes = options.probes
     results: dict[int, BlockResult] = {}  # by id() of the block
