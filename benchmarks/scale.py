@@ -14,7 +14,8 @@ On a tanh MLP (MSE, batch 64, float64), in one run, for torch and jax:
   ``check_gradients`` in T_fb (median over the plantings where the entry was named).
 
 Run: python benchmarks/scale.py [--sizes 1e3,1e4,1e5,1e6] [--plantings 20] [--frameworks torch,jax]
-Prints medians and ratios; absolute times on shared machines are noisy.
+Prints medians and ratios; absolute times on shared machines are noisy, so every timed
+call of ours or of the anchors' fast mode is divided by T_fb measured just before it.
 """
 
 from __future__ import annotations
@@ -280,11 +281,12 @@ def run(framework: str, p: float, plantings: int, seed: int) -> dict[str, Any]:
     # correct model: ours
     for mode in ("fast", "auto") + (("full",) if env["params"] <= 20_000 else ()):
         env["ours"](mode)  # warm (jit compiles, vmap probes)
-        times = []
+        ratios = []  # each run against T_fb measured just before it (the load drifts)
         for _ in range(7):
+            local_fb = median_time(env["fb"], repeat=3)
             dt, rep = timed(lambda mode=mode: env["ours"](mode))
-            times.append(dt)
-        row[f"ours_{mode}_Tfb"] = statistics.median(times) / t_fb
+            ratios.append(dt / local_fb)
+        row[f"ours_{mode}_Tfb"] = statistics.median(ratios)
         row[f"ours_{mode}_evals"] = rep.evaluations
         row[f"ours_{mode}_false_alarm"] = not rep.passed
     # anchors on the correct model
@@ -292,9 +294,10 @@ def run(framework: str, p: float, plantings: int, seed: int) -> dict[str, Any]:
         env["anchor"](True)  # warm (torch's first gradcheck call pays its own set-up)
         times = []
         for _ in range(3):
+            local_fb = median_time(env["fb"], repeat=3)
             dt, ok = timed(lambda: env["anchor"](True))
-            times.append(dt)
-        row["anchor_fast_Tfb"] = statistics.median(times) / t_fb
+            times.append(dt / local_fb)
+        row["anchor_fast_Tfb"] = statistics.median(times)
         row["anchor_fast_false_alarm"] = not ok
         if env["params"] <= 20_000:
             dt, ok = timed(lambda: env["anchor"](False))
@@ -315,12 +318,13 @@ def run(framework: str, p: float, plantings: int, seed: int) -> dict[str, Any]:
         for _ in range(plantings):
             index = tuple(int(rng.integers(0, s)) for s in env["hidden"])
             env["plant"](index, factor)
+            local_fb = median_time(env["fb"], repeat=3)
             dt, rep = timed(lambda: env["ours"]("fast"))
             caught["ours_fast"] += not rep.passed
             block = rep.block(env["hidden_name"])
             if block.worst and block.worst[0].index == index:
                 caught["named"] += 1
-                loc_costs.append(dt / t_fb)
+                loc_costs.append(dt / local_fb)
             caught["ours_auto"] += not env["ours"]("auto").passed
             caught["anchor"] += not env["anchor"](True)
         env["plant"]((0, 0), 1.0)

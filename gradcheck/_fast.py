@@ -68,9 +68,8 @@ class _Verdict:
     numeric: float
     error: float
     allowed: float
-    shrink: (
-        float  # the first difference's step over the nominal one (< 1: the loss left its domain)
-    )
+    shrink: float  # first step / nominal step (< 1 where the loss left its domain)
+    provisional: bool = False  # failed before refinement (see `_Line.check`'s ``defer``)
 
     @property
     def residual(self) -> float:
@@ -104,10 +103,10 @@ class _Line:
 
     def richardson2(
         self, v: np.ndarray, support: Support, big: Differences, s: float
-    ) -> tuple[float, float]:
+    ) -> tuple[float, float, Differences]:
         """Directional derivative extrapolated from steps s (``big``, given) and s/2.
 
-        Returns (value, error estimate).
+        Returns (value, error estimate, the differences at s/2).
         """
         small = self.differences(v, support, s / 2)
         d1, d2 = float(big.central[0]), float(small.central[0])
@@ -115,7 +114,7 @@ class _Line:
         # the extrapolation's own error is far below |d2 - d1| on smooth losses; the
         # first pass counts round-off only and sends anything that disagrees on
         error = 2.0 * float(small.roundoff(self.tol)[0])
-        return value, error
+        return value, error, small
 
     def allowed(self, v: np.ndarray, support: Support, count: int, error: float) -> float:
         """``safety`` x error + round-off of the dot product + rtol x one entry's typical share."""
@@ -126,12 +125,24 @@ class _Line:
         typical = l2 / math.sqrt(max(count, 1))
         return tol.safety * error + tol.noise * tol.eps * l1 + tol.rtol * typical
 
-    def check(self, v: np.ndarray, support: Support, count: int, refine: bool = True) -> _Verdict:
+    def check(
+        self,
+        v: np.ndarray,
+        support: Support,
+        count: int,
+        refine: bool = True,
+        defer: bool = False,
+    ) -> _Verdict:
         """``g . v`` against the numerical derivative along ``v`` (``count`` entries take part).
 
         One central difference (two evaluations) settles a direction that agrees;
         one that disagrees is extrapolated over two steps (two more), then, with
-        ``refine``, refined with the kink test before it fails.
+        ``refine``, refined with the kink test before it fails. With ``defer``, a
+        disagreement that looks smooth (the two steps agree with each other far
+        better than with the analytic value, and the gap between the one-sided
+        derivatives halves with the step, so no kink lies within it) is returned
+        unrefined and marked provisional: the caller must confirm it (localisation
+        confirms it by naming a wrong entry, itself refined) or refine it.
         """
         tol, g = self.tol, self.g
         analytic = float(np.dot(g[support], v[support]))
@@ -145,9 +156,12 @@ class _Line:
         result = verdict(float(first.central[0]), float(first.roundoff(tol)[0]))
         if result.passed:
             return result
-        result = verdict(*self.richardson2(v, support, first, step))
+        value, error, small = self.richardson2(v, support, first, step)
+        result = verdict(value, error)
         if result.passed or not refine:
             return result
+        if defer and _smooth_disagreement(first, small, analytic, tol):
+            return replace(result, provisional=True)
         ev, f0 = self.ev, self.f0
         wanted = result.allowed - tol.safety * result.error
         r = refine_until_resolved(
@@ -185,7 +199,7 @@ class _Probe:
             d = line.differences(v, support, step)
             return analytic - float(d.central[0])
         big, step = line.first(v, support, step * self.shrink)
-        numeric, _ = line.richardson2(v, support, big, step)
+        numeric, _, _ = line.richardson2(v, support, big, step)
         return analytic - numeric
 
     def entry(self, i: int) -> tuple[Entry, bool]:
@@ -268,9 +282,10 @@ class _Probe:
         agreed across all blocks, and so count as passed in this one.
         """
         b = self.block
-        failures = []
+        failures: list[tuple[np.ndarray, _Verdict]] = []
         for v in directions:
-            verdict = self.line.check(v, b.slice, b.size)
+            # the first failure may stay unrefined if it looks smooth: localisation confirms it
+            verdict = self.line.check(v, b.slice, b.size, defer=not failures)
             if not verdict.passed:
                 failures.append((v, verdict))
         result = BlockResult(
@@ -286,8 +301,15 @@ class _Probe:
             return result
         v, verdict = failures[0]
         self.shrink = verdict.shrink
-        analytic, numeric = verdict.analytic, verdict.numeric
         found, finished = self.localize(v, verdict.residual)
+        if verdict.provisional and not found:  # unconfirmed: refine before failing the block
+            verdict = self.line.check(v, b.slice, b.size)
+            if verdict.passed:
+                failures.pop(0)
+                if not failures:
+                    return result
+                v, verdict = failures[0]
+        analytic, numeric = verdict.analytic, verdict.numeric
         found.sort(key=lambda e: -e.abs_diff)
         diagnosis = None
         if found:
@@ -322,6 +344,23 @@ class _Probe:
             localized=len(found),
             note=note,
         )
+
+
+def _smooth_disagreement(
+    first: Differences, small: Differences, analytic: float, tol: Tolerance
+) -> bool:
+    """Differences at s and s/2 that agree with each other, not with ``analytic``, and no kink.
+
+    The one-sided derivatives differ by about ``s * v.Hv`` on a smooth loss, so their gap
+    halves with the step; a kink within the step keeps it.
+    """
+    d1, d2 = float(first.central[0]), float(small.central[0])
+    consistent = abs(d1 - d2) < 0.1 * abs(analytic - d2)
+    gap_big = abs(float(first.right[0] - first.left[0]))
+    gap_small = abs(float(small.right[0] - small.left[0]))
+    noise = tol.safety * 4.0 * float(small.roundoff(tol)[0])
+    kink = gap_small > 0.75 * gap_big and gap_small > noise
+    return consistent and not kink
 
 
 def _direction_diagnosis(ratio: float) -> str | None:

@@ -114,9 +114,14 @@ class Evaluator:
             rows = self._buffer(len(part))
             try:
                 for row, s in zip(rows, part, strict=True):
-                    moved = s * part_of
-                    moved += base
-                    row[where] = self.representable(moved)
+                    if isinstance(where, slice) and self._round is np.float64:
+                        view = row[where]  # written in place, no temporaries
+                        np.multiply(part_of, s, out=view)
+                        view += base
+                    else:
+                        moved = s * part_of
+                        moved += base
+                        row[where] = self.representable(moved)
                 out[start : start + len(part)] = self._values(rows)
             finally:
                 rows[:, where] = base

@@ -118,3 +118,32 @@ def test_many_blocks_are_narrowed_down_by_halving_not_one_by_one(monkeypatch):
     one_by_one = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
     assert [b.name for b in one_by_one.failed_blocks] == ["p17", "p31"]
     assert report.evaluations < one_by_one.evaluations
+
+
+def test_a_small_block_beside_a_large_one_is_seen_at_its_own_resolution(monkeypatch):
+    # a 10-entry block with gradients 1e-4 next to a 30,000-entry block with gradients ~1:
+    # its part of the direction moves as a probe of it alone would, so one entry x1.01
+    # shows. Oracle: the exact gradient cos(t) * w; without the per-block factor (every
+    # entry moved by the factor of the whole vector) the same bug goes unseen.
+    n_big = 30_000
+    t0 = np.random.default_rng(3).normal(size=n_big + 10)
+    w = np.ones(n_big + 10)
+    w[n_big:] = 1e-4
+    factor = np.ones(n_big + 10)
+    factor[n_big + 3] = 1.01
+    blocks = [Block("big", (n_big,), 0), Block("small", (10,), n_big)]
+
+    def loss(t):
+        return float(np.sum(np.sin(t) * w))
+
+    assert check_flat(loss, lambda t: np.cos(t) * w, t0, blocks=blocks, mode="fast").passed
+    bad = check_flat(loss, lambda t: np.cos(t) * w * factor, t0, blocks=blocks, mode="fast")
+    assert [b.name for b in bad.failed_blocks] == ["small"]
+    assert bad.block("small").worst[0].index == (3,)
+
+    def one_factor(problem, tol):
+        return np.maximum(np.abs(problem.theta0), 1.0) * problem.size ** (-1 / 3)
+
+    monkeypatch.setattr(gradcheck._fast, "_block_weights", one_factor)
+    uniform = check_flat(loss, lambda t: np.cos(t) * w * factor, t0, blocks=blocks, mode="fast")
+    assert uniform.passed  # the resolution the per-block factor buys
