@@ -14,7 +14,7 @@ alternate, so both see the same machine load):
   normwise (``max |numeric - analytic| / max |analytic|``): gradcheck's numerical
   gradient from the report, torch's from its own numerical Jacobian (``eps=1e-6``,
   central differences, as ``gradcheck`` computes it);
-* the same error with gradcheck's refinement (Richardson over six steps) applied to every
+* the same error with gradcheck's refinement (Richardson over eight steps) applied to every
   entry instead of only to suspicious ones, and its evaluations per entry.
 
 Run: ``python benchmarks/torch_full.py [--repeats 5]`` (one thread, CPU).
@@ -181,7 +181,7 @@ def run(label: str, sizes: list[int], repeats: int) -> dict[str, float]:
 
 
 def refined_everywhere(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[Any, float]:
-    """gradcheck's refinement (``refine``: Richardson over six steps, error estimates) on
+    """gradcheck's refinement (``refine``: Richardson over eight steps, error estimates) on
     every parameter; returns the numerical gradient and the evaluations per entry."""
     problem = build_problem(model, x, y, loss="mse", wrt="params")
     ev = Evaluator(problem, None)

@@ -18,7 +18,7 @@ from ._problem import FlatProblem
 BATCH_BYTES = 32 * 2**20
 
 #: Step factors of the refinement, relative to the first-pass step (ratio 2 between neighbours).
-REFINE_FACTORS = (4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
+REFINE_FACTORS = (16.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
 _FIRST = REFINE_FACTORS.index(1.0)
 
 _ROUND = {"float64": np.float64, "float32": np.float32}
