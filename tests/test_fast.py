@@ -147,3 +147,28 @@ def test_a_small_block_beside_a_large_one_is_seen_at_its_own_resolution(monkeypa
     monkeypatch.setattr(gradcheck._fast, "_block_weights", one_factor)
     uniform = check_flat(loss, lambda t: np.cos(t) * w * factor, t0, blocks=blocks, mode="fast")
     assert uniform.passed  # the resolution the per-block factor buys
+
+
+def test_a_smooth_failure_that_localisation_cannot_confirm_is_refined_before_it_counts(
+    data, monkeypatch
+):
+    # a plainly smooth disagreement goes to localisation unrefined; when localisation names
+    # no entry, the block's difference is refined, and the block fails only if it still
+    # disagrees. Oracle: the reference MLP with its planted one-entry bug in W0.
+    x, y = data
+    mlp = MLP([40, 25, 3], seed=5).with_bug("one_entry")
+    calls = []
+
+    def refine_spy(self, v, support, count, refine=True, defer=False):
+        verdict = check(self, v, support, count, refine, defer)
+        calls.append((refine, defer, verdict.provisional))
+        return verdict
+
+    check = gradcheck._fast._Line.check
+    monkeypatch.setattr(gradcheck._fast._Line, "check", refine_spy)
+    monkeypatch.setattr(gradcheck._fast._Probe, "localize", lambda self, v, total: ([], False))
+    report = check_gradients(mlp, x, y, loss="mse", mode="fast", wrt="params")
+    assert [b.name for b in report.failed_blocks] == ["W0"]
+    assert "named no single entry" in (report.block("W0").note or "")
+    assert (True, True, True) in calls  # W0's probe: failed smoothly, left unrefined
+    assert (True, False, False) in calls  # ... then refined, since localisation named nothing
