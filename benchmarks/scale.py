@@ -277,6 +277,17 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
+def in_tfb(env: dict[str, Any], fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Median over ``repeats`` calls of ``fn``'s wall time in T_fb, each call against T_fb
+    measured just before it (the machine's load drifts); with ``fn``'s last result."""
+    ratios, out = [], None
+    for _ in range(repeats):
+        local_fb = median_time(env["fb"], repeat=3)
+        dt, out = timed(fn)
+        ratios.append(dt / local_fb)
+    return statistics.median(ratios), out
+
+
 def run(framework: str, p: float, plantings: int, seed: int) -> dict[str, Any]:
     sizes = widths(p)
     env = torch_setup(sizes, seed) if framework == "torch" else jax_setup(sizes, seed)
@@ -287,23 +298,13 @@ def run(framework: str, p: float, plantings: int, seed: int) -> dict[str, Any]:
     # correct model: ours
     for mode in ("fast", "auto") + (("full",) if env["params"] <= 20_000 else ()):
         env["ours"](mode)  # warm (jit compiles, vmap probes)
-        ratios = []  # each run against T_fb measured just before it (the load drifts)
-        for _ in range(7):
-            local_fb = median_time(env["fb"], repeat=3)
-            dt, rep = timed(lambda mode=mode: env["ours"](mode))
-            ratios.append(dt / local_fb)
-        row[f"ours_{mode}_Tfb"] = statistics.median(ratios)
+        row[f"ours_{mode}_Tfb"], rep = in_tfb(env, lambda mode=mode: env["ours"](mode), 7)
         row[f"ours_{mode}_evals"] = rep.evaluations
         row[f"ours_{mode}_false_alarm"] = not rep.passed
     # anchors on the correct model
     if framework == "torch":
         env["anchor"](True)  # warm (torch's first gradcheck call pays its own set-up)
-        times = []
-        for _ in range(3):
-            local_fb = median_time(env["fb"], repeat=3)
-            dt, ok = timed(lambda: env["anchor"](True))
-            times.append(dt / local_fb)
-        row["anchor_fast_Tfb"] = statistics.median(times)
+        row["anchor_fast_Tfb"], ok = in_tfb(env, lambda: env["anchor"](True), 3)
         row["anchor_fast_false_alarm"] = not ok
         if env["params"] <= 20_000:
             dt, ok = timed(lambda: env["anchor"](False))
@@ -313,12 +314,7 @@ def run(framework: str, p: float, plantings: int, seed: int) -> dict[str, Any]:
             row["anchor_full_Tfb"] = f"~{2 * env['params'] * per_eval / t_fb:.2g} (est.)"
     else:
         env["anchor"](True)  # compile
-        times = []
-        for _ in range(3):
-            local_fb = median_time(env["fb"], repeat=3)
-            dt, ok = timed(lambda: env["anchor"](True))
-            times.append(dt / local_fb)
-        row["anchor_warm_Tfb"] = statistics.median(times)
+        row["anchor_warm_Tfb"], ok = in_tfb(env, lambda: env["anchor"](True), 3)
         row["anchor_false_alarm"] = not ok
     # plantings
     rng = np.random.default_rng(seed)
@@ -328,13 +324,12 @@ def run(framework: str, p: float, plantings: int, seed: int) -> dict[str, Any]:
         for _ in range(plantings):
             index = tuple(int(rng.integers(0, s)) for s in env["hidden"])
             env["plant"](index, factor)
-            local_fb = median_time(env["fb"], repeat=3)
-            dt, rep = timed(lambda: env["ours"]("fast"))
+            cost, rep = in_tfb(env, lambda: env["ours"]("fast"), 1)
             caught["ours_fast"] += not rep.passed
             block = rep.block(env["hidden_name"])
             if block.worst and block.worst[0].index == index:
                 caught["named"] += 1
-                loc_costs.append(dt / local_fb)
+                loc_costs.append(cost)
             caught["ours_auto"] += not env["ours"]("auto").passed
             caught["anchor"] += not env["anchor"](True)
         env["plant"]((0, 0), 1.0)

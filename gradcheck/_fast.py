@@ -11,8 +11,11 @@ probability.
 A direction spans every block and is checked across all of them first: one
 difference (two evaluations) settles a correct model, whatever its size; one that
 disagrees is extrapolated over two steps (Richardson, two more). A direction that
-still disagrees is checked block by block, each block's part refined with the
-kink test before the block fails; the blocks' verdicts are the check's.
+still disagrees is narrowed down to blocks (one by one up to `SCAN_BLOCKS`, by
+halving above); a block checked on its own is refined with the kink test before
+it fails, unless its disagreement is plainly smooth, in which case the wrong
+entry localisation names (itself refined) is what fails it. The blocks' verdicts
+are the check's.
 
 The tolerance is the estimated numerical error (times ``safety``), plus the
 round-off of the dot product, plus ``rtol`` times what one typical entry
