@@ -32,22 +32,27 @@ over it in ``apply_fn``, or give an NNX module its ``nnx.Rngs`` (the adapter
 evaluates merged copies, so the rng counter starts from the same state every
 time and the user's module is never advanced).
 
-Speed: two programs are traced and compiled once, when the problem is built: the
-gradient (reverse mode, ``jax.grad``, so ``custom_vjp`` and ``custom_jvp`` rules
-are used as written) and the loss ``vmap``-ed over the rows of a
-``(max_batch, P)`` array. Shorter batches, and single points, are padded to
-``max_batch`` rows, so no call compiles again and ``loss`` agrees with
-``loss_batch`` bit for bit. ``max_batch`` (a power of two, at most 256) keeps
+Speed: the loss and its gradient are traced once, when the problem is built, and
+evaluated op by op from their jaxprs (no compile, and the model's Python does not run
+again): the gradient is needed a handful of times per check, and a check of a few
+evaluations (fast mode) would spend most of its time compiling. When the core
+expects at least :data:`COMPILE_FROM` evaluations (``FlatProblem.prepare``; full
+mode on a model of more than a hundred entries), the loss is compiled, ``vmap``-ed
+over the rows of a ``(max_batch, P)`` array; shorter batches, and single points,
+are padded to ``max_batch`` rows, so no call compiles again and ``loss`` agrees
+with ``loss_batch`` bit for bit. ``max_batch`` (a power of two, at most 256) keeps
 the rows under 32 MiB and the batch's intermediate values under
 :data:`MEMORY_BUDGET`. A model that cannot be vmapped gets a compiled
-single-point loss instead; one that branches on values in Python cannot be
-traced at all and runs eagerly, one evaluation at a time.
+single-point loss instead; one that branches on values in Python cannot be traced
+at all and runs eagerly, one evaluation at a time. Within one check every loss
+value comes from one of these paths, never a mix.
 
 The adapter does no numerics of its own: it only evaluates.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -72,6 +77,14 @@ from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, 
 
 __all__ = ["build_problem", "matches"]
 
+try:  # public since jax 0.4.36; jax.core before
+    from jax.extend.core import jaxpr_as_fun
+except ImportError:  # pragma: no cover - older jax
+    from jax.core import jaxpr_as_fun  # type: ignore[attr-defined,no-redef]
+
+#: A check expecting at least this many loss evaluations gets a compiled, vmapped loss;
+#: fewer run eagerly (a compile costs a few hundred ms, an eager evaluation about a millisecond).
+COMPILE_FROM = 256
 #: Rows of perturbed parameter vectors evaluated in one vmapped call, at most.
 MAX_BATCH = 256
 #: Memory a batched call may use, roughly (bytes); bounds ``max_batch`` for large models.
@@ -544,25 +557,46 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
     reduce = _reducer(loss, y64, seed)
     forward = spec.forward
 
-    def scalar(theta: jax.Array) -> jax.Array:
+    def of_parts(parts: Sequence[Any]) -> jax.Array:
+        """The loss with block ``k`` of the flat vector replaced by ``parts[k]``."""
         leaves = {"p": list(p_leaves), "x": list(x_leaves)}
-        for src, i, offset, size, shape in placements:
-            leaves[src][i] = theta[offset : offset + size].reshape(shape)
+        for (src, i, *_), part in zip(placements, parts, strict=True):
+            leaves[src][i] = part
         params = jax.tree_util.tree_unflatten(p_def, leaves["p"])
         inputs = jax.tree_util.tree_unflatten(x_def, leaves["x"])
         return reduce(forward(params, inputs))
 
-    size = int(theta0.size)
-    row = jax.ShapeDtypeStruct((size,), jnp.float64)
+    def split(theta: Any) -> list[Any]:
+        """The blocks of a flat vector (NumPy or traced), shaped as the model's arrays."""
+        return [
+            theta[offset : offset + size].reshape(shape) for _, _, offset, size, shape in placements
+        ]
+
+    def scalar(theta: jax.Array) -> jax.Array:
+        return of_parts(split(theta))
+
+    def device_parts(theta: np.ndarray) -> list[jax.Array]:
+        return [jnp.asarray(part) for part in split(np.asarray(theta, dtype=np.float64))]
+
+    avals = [jax.ShapeDtypeStruct(shape, jnp.float64) for *_, shape in placements]
     try:
-        loss_traced = jax.jit(scalar).trace(row)
-        grad_traced = jax.jit(jax.grad(scalar)).trace(row)
+        loss_traced = jax.jit(of_parts).trace(avals)
+        grad_traced = jax.jit(jax.grad(of_parts)).trace(avals)
     except _TRACE_ERRORS as exc:
         notes.append(
             "the model branches on values in Python, so it cannot be traced "
             f"({type(exc).__name__}); evaluated eagerly, one point at a time"
         )
-        return _eager_problem(scalar, theta0, blocks, notes, skipped)
+        return FlatProblem(
+            theta0=theta0,
+            loss=_flat_loss(lambda *parts: [of_parts(parts)], device_parts),
+            gradient=_flat_gradient(lambda *parts: jax.grad(of_parts)(list(parts)), device_parts),
+            blocks=blocks,
+            framework="jax",
+            notes=notes,
+            skipped=skipped,
+            batching="loop",
+        )
 
     precision: Precision = "float64"
     lowered = {
@@ -578,53 +612,103 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
             f"the model computes in {lowest} in its {where}, even on a float64 copy "
             f"(a layer dtype or an explicit cast?); steps and tolerances follow {lowest}"
         )
-    grad_exe = _compile(grad_traced)
-
-    def gradient(theta: np.ndarray) -> np.ndarray:
-        with _x64():
-            return np.array(grad_exe(np.asarray(theta, dtype=np.float64)), dtype=np.float64)
-
-    max_batch = _max_batch(loss_traced.jaxpr.jaxpr, size)
-    loss_batch = None
-    if max_batch > 1:
-        try:
-            rows = jax.ShapeDtypeStruct((max_batch, size), jnp.float64)
-            batch_exe = _compile(jax.jit(jax.vmap(scalar)).trace(rows))
-        except Exception as exc:  # no batching rule, a callback that cannot vmap, ...
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            notes.append(
-                f"the model cannot be vmapped ({type(exc).__name__}: {first_line[:120]}); "
-                "evaluations run one at a time"
-            )
-        else:
-            loss_batch = _padded(batch_exe, theta0, max_batch)
-    if loss_batch is not None:
-        # one compiled forward for every evaluation: a single point is a padded batch of one,
-        # so loss() and loss_batch() agree to the last bit
-        batched = loss_batch
-
-        def loss_fn(theta: np.ndarray) -> float:
-            return float(batched(np.asarray(theta, dtype=np.float64)[None, :])[0])
-
-    else:
-        loss_exe = _compile(loss_traced)
-
-        def loss_fn(theta: np.ndarray) -> float:
-            with _x64():
-                return float(loss_exe(np.asarray(theta, dtype=np.float64)))
-
-    return FlatProblem(
+    # Both traced programs run op by op (no compile): the gradient is evaluated a handful
+    # of times per check and never repays a compile; the loss only when the core expects
+    # many evaluations (``prepare``).
+    eager = FlatProblem(
         theta0=theta0,
-        loss=loss_fn,
-        gradient=gradient,
+        loss=_flat_loss(jaxpr_as_fun(loss_traced.jaxpr), device_parts),
+        gradient=_flat_gradient(jaxpr_as_fun(grad_traced.jaxpr), device_parts),
         blocks=blocks,
-        loss_batch=loss_batch,
-        max_batch=max_batch,
         precision=precision,
         framework="jax",
         notes=notes,
         skipped=skipped,
+        batching="eager",
+    )
+
+    def prepare(evaluations: int) -> FlatProblem:
+        if evaluations < COMPILE_FROM:
+            return eager
+        return _compiled(eager, scalar, loss_traced, device_parts)
+
+    eager.prepare = prepare
+    return eager
+
+
+def _flat_loss(
+    fn: Callable[..., Sequence[Any]], device_parts: Callable[[np.ndarray], list[jax.Array]]
+) -> Callable[[np.ndarray], float]:
+    """``fn(*blocks) -> [loss]`` as a function of the flat vector."""
+
+    def loss(theta: np.ndarray) -> float:
+        with _x64():
+            (value,) = fn(*device_parts(theta))
+            return float(value)
+
+    return loss
+
+
+def _flat_gradient(
+    fn: Callable[..., Sequence[Any]], device_parts: Callable[[np.ndarray], list[jax.Array]]
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``fn(*blocks) -> [gradient of each block]`` as a function of the flat vector."""
+
+    def gradient(theta: np.ndarray) -> np.ndarray:
+        with _x64():
+            parts = fn(*device_parts(theta))
+            return np.concatenate([np.asarray(part, dtype=np.float64).ravel() for part in parts])
+
+    return gradient
+
+
+def _compiled(
+    eager: FlatProblem,
+    scalar: Callable[[jax.Array], jax.Array],
+    traced: Any,
+    device_parts: Callable[[np.ndarray], list[jax.Array]],
+) -> FlatProblem:
+    """``eager`` with its loss compiled: ``vmap``-ed over ``max_batch`` rows where it can be."""
+    size = eager.size
+    notes = list(eager.notes)
+    max_batch = _max_batch(traced.jaxpr.jaxpr, size)
+    loss_batch = None
+    with _x64():
+        if max_batch > 1:
+            try:
+                rows = jax.ShapeDtypeStruct((max_batch, size), jnp.float64)
+                batch_exe = _compile(jax.jit(jax.vmap(scalar)).trace(rows))
+            except Exception as exc:  # no batching rule, a callback that cannot vmap, ...
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                notes.append(
+                    f"the model cannot be vmapped ({type(exc).__name__}: {first_line[:120]}); "
+                    "evaluations run one at a time"
+                )
+            else:
+                loss_batch = _padded(batch_exe, eager.theta0, max_batch)
+        if loss_batch is not None:
+            # one compiled forward for every evaluation: a single point is a padded batch of
+            # one, so loss() and loss_batch() agree to the last bit
+            batched = loss_batch
+
+            def loss_fn(theta: np.ndarray) -> float:
+                return float(batched(np.asarray(theta, dtype=np.float64)[None, :])[0])
+
+        else:
+            loss_exe = _compile(traced)
+
+            def loss_fn(theta: np.ndarray) -> float:
+                with _x64():
+                    return float(loss_exe(device_parts(theta)))
+
+    return dataclasses.replace(
+        eager,
+        loss=loss_fn,
+        loss_batch=loss_batch,
+        max_batch=max_batch,
+        notes=notes,
         batching="loop" if loss_batch is None else "vmap",
+        prepare=None,
     )
 
 
@@ -651,33 +735,3 @@ def _padded(
         return out
 
     return loss_batch
-
-
-def _eager_problem(
-    scalar: Callable[[jax.Array], jax.Array],
-    theta0: np.ndarray,
-    blocks: Sequence[Any],
-    notes: list[str],
-    skipped: list[str],
-) -> FlatProblem:
-    grad = jax.grad(scalar)
-
-    def loss_fn(theta: np.ndarray) -> float:
-        with _x64():
-            return float(scalar(jnp.asarray(theta, dtype=jnp.float64)))
-
-    def gradient(theta: np.ndarray) -> np.ndarray:
-        with _x64():
-            return np.array(grad(jnp.asarray(theta, dtype=jnp.float64)), dtype=np.float64)
-
-    return FlatProblem(
-        theta0=theta0,
-        loss=loss_fn,
-        gradient=gradient,
-        blocks=blocks,
-        precision="float64",
-        framework="jax",
-        notes=notes,
-        skipped=skipped,
-        batching="loop",
-    )

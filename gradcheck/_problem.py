@@ -67,7 +67,12 @@ class FlatProblem:
         framework: "numpy", "torch", "jax" or "function", for the report.
         notes: lines the report shows as warnings (a fallback taken, ...).
         skipped: names of frozen parameters that were not checked.
-        batching: how evaluations ran ("vmap", "loop", ...), for the report.
+        batching: how evaluations ran ("vmap", "loop", "eager", ...), for the report.
+        prepare: optional ``prepare(evaluations) -> FlatProblem``, for adapters whose
+            evaluations get cheaper after a one-off cost (JAX compiles): the core calls it
+            once, before evaluating anything, with the number of loss evaluations it
+            expects, and checks the problem it returns; the adapter pays the cost only
+            when that many evaluations repay it.
     """
 
     theta0: np.ndarray
@@ -81,6 +86,7 @@ class FlatProblem:
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     batching: str = "loop"
+    prepare: Callable[[int], FlatProblem] | None = None
 
     def __post_init__(self) -> None:
         theta = np.asarray(self.theta0)

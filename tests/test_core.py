@@ -489,3 +489,43 @@ def test_a_loss_that_writes_into_its_argument_gets_a_clear_error():
 
     with pytest.raises(ValueError, match="read-only"):
         check_flat(f, lambda t: 2 * t, np.ones(3))
+
+
+@pytest.mark.parametrize("mode, expected", [("full", 2 * 30 + 2), ("fast", 4)])
+def test_prepare_is_asked_once_before_any_evaluation_and_its_problem_is_checked(mode, expected):
+    # an adapter with a one-off cost (JAX compiles) hands over a prepared problem; the core
+    # evaluates only that one, and tells the adapter how many evaluations a pass costs
+    from gradcheck._check import run_check
+    from gradcheck._options import CheckOptions
+    from gradcheck._problem import FlatProblem, block_layout
+
+    t0 = np.linspace(-1.0, 1.0, 30)
+    asked: list[int] = []
+
+    def unprepared(_: np.ndarray) -> float:
+        raise AssertionError("the unprepared problem was evaluated")
+
+    prepared = FlatProblem(
+        theta0=t0,
+        loss=cubic,
+        gradient=lambda t: 3 * t**2,
+        blocks=block_layout([("w", (30,), "param")]),
+        batching="compiled",
+    )
+
+    def prepare(evaluations: int) -> FlatProblem:
+        asked.append(evaluations)
+        return prepared
+
+    problem = FlatProblem(
+        theta0=t0,
+        loss=unprepared,
+        gradient=unprepared,  # type: ignore[arg-type]
+        blocks=prepared.blocks,
+        prepare=prepare,
+    )
+    report = run_check(problem, CheckOptions(mode=mode))
+    assert report.passed and report.batching == "compiled", str(report)
+    assert asked == [expected]
+    if mode == "full":
+        assert report.evaluations == expected + 1  # the gradient is counted as one

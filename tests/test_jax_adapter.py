@@ -117,17 +117,37 @@ def test_flat_problem_of_exported_mlp_equals_reference(case: tuple[Any, ...]) ->
     assert [b.kind for b in problem.blocks] == ["param"] * 6 + ["input"]
     expected = np.concatenate([mlp.grads[n].ravel() for n in names(problem)[:-1]] + [dx.ravel()])
     assert problem.framework == "jax" and problem.precision == "float64"
-    assert problem.batching == "vmap" and problem.loss_batch is not None
+    assert problem.batching == "eager" and problem.loss_batch is None
     assert np.max(np.abs(problem.gradient(problem.theta0) - expected)) <= 1e-12
     assert np.array_equal(problem.theta0[: mlp.params["W0"].size], mlp.params["W0"].ravel())
+    # the compiled variant the core asks for when many evaluations will repay the compile
+    assert problem.prepare is not None and problem.prepare(adapter.COMPILE_FROM - 1) is problem
+    compiled = problem.prepare(adapter.COMPILE_FROM)
+    assert compiled.batching == "vmap" and compiled.loss_batch is not None
+    assert compiled.prepare is None and compiled.blocks == problem.blocks
+    assert np.array_equal(compiled.gradient(compiled.theta0), problem.gradient(problem.theta0))
+    rng = np.random.default_rng(0)
+    for theta in problem.theta0 + 1e-3 * rng.normal(size=(3, problem.size)):
+        assert compiled.loss(theta) == pytest.approx(problem.loss(theta), rel=1e-13, abs=1e-15)
 
 
 def test_reference_mlp_check_passes() -> None:
     mlp = MLP([3, 8, 2], activation="tanh", seed=1)
     report = check_gradients(mlp.to_jax(), data((6, 3)), data((6, 2), 1), loss="mse")
     assert report.passed, str(report)
-    assert report.framework == "jax" and report.batching == "vmap"
+    # 68 entries: 138 evaluations in full mode, fewer than a compile repays
+    assert report.framework == "jax" and report.batching == "eager"
     assert report.precision == "float64"
+
+
+def test_full_mode_compiles_and_vmaps_where_the_evaluations_repay_it() -> None:
+    mlp = MLP([10, 20, 5], activation="tanh", seed=1)  # 325 parameters + 60 inputs
+    x, y = data((6, 10)), data((6, 5), 1)
+    full = check_gradients(mlp.to_jax(), x, y, mode="full")
+    assert full.passed and full.batching == "vmap", str(full)
+    assert full.evaluations >= adapter.COMPILE_FROM
+    fast = check_gradients(mlp.to_jax(), x, y, mode="fast")
+    assert fast.passed and fast.batching == "eager", str(fast)
 
 
 def test_reference_mlp_dropout_is_deterministic_and_passes() -> None:
@@ -425,8 +445,10 @@ def test_prng_key_inside_x_gives_the_same_randomness_every_evaluation() -> None:
     x = (data((4, 3), 1), jax.random.PRNGKey(7))
     problem = build(model, x)
     assert names(problem) == ["params", "input[0]"]  # the key is not a block
-    values = problem.loss_batch(np.stack([problem.theta0] * 3))  # type: ignore[misc]
-    assert values[0] == values[1] == values[2] == problem.loss(problem.theta0)
+    assert problem.loss(problem.theta0) == problem.loss(problem.theta0)
+    compiled = problem.prepare(adapter.COMPILE_FROM)  # type: ignore[misc]
+    values = compiled.loss_batch(np.stack([problem.theta0] * 3))  # type: ignore[misc]
+    assert values[0] == values[1] == values[2] == compiled.loss(problem.theta0)
     assert check_gradients(model, x).passed
 
 
@@ -551,10 +573,16 @@ def test_a_model_that_cannot_be_vmapped_falls_back_to_a_loop() -> None:
         return jax.pure_callback(host_sin, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
 
     f.defvjp(lambda x: (f(x), x), lambda x, g: (g * jnp.cos(x),))
-    problem = build((lambda p, x: f(p * x), np.ones(3)), data((3,)))
-    assert problem.batching == "loop" and problem.loss_batch is None
-    assert any("cannot be vmapped" in note for note in problem.notes)
-    assert check_gradients((lambda p, x: f(p * x), np.ones(3)), data((3,))).passed
+    model = (lambda p, x: f(p * x), np.ones(200))
+    problem = build(model, data((200,)))
+    assert problem.batching == "eager" and not problem.notes  # no vmap tried yet
+    compiled = problem.prepare(adapter.COMPILE_FROM)  # type: ignore[misc]
+    assert compiled.batching == "loop" and compiled.loss_batch is None
+    assert any("cannot be vmapped" in note for note in compiled.notes)
+    assert compiled.loss(problem.theta0) == pytest.approx(problem.loss(problem.theta0), rel=1e-14)
+    report = check_gradients(model, data((200,)), mode="full")  # 802 evaluations: compiled
+    assert report.passed and report.batching == "loop", str(report)
+    assert any("cannot be vmapped" in w for w in report.warnings)
 
 
 # --------------------------------------------------------------------- batching
@@ -565,9 +593,15 @@ def test_loss_batch_compiles_once_and_pads_short_chunks() -> None:
         traces.append(1)  # runs once per trace, never per evaluation
         return jnp.tanh(x @ p)
 
-    problem = build((apply_fn, data((3, 2))), data((4, 3), 1))
+    eager = build((apply_fn, data((3, 2))), data((4, 3), 1))
+    assert len(traces) == 2  # loss and gradient, traced once at build time
+    for _ in range(3):  # evaluated from the traced programs: the Python never runs again
+        eager.loss(eager.theta0)
+        eager.gradient(eager.theta0)
+    assert len(traces) == 2
+    problem = eager.prepare(adapter.COMPILE_FROM)  # type: ignore[misc]
     traced = len(traces)
-    assert traced == 3  # loss, gradient, batched loss: once each at build time
+    assert traced == 3  # and the batched loss, once, when the core asks for it
     rng = np.random.default_rng(0)
     for k in (1, 5, problem.max_batch, problem.max_batch + 3):
         thetas = problem.theta0 + 0.1 * rng.normal(size=(k, problem.size))
@@ -581,7 +615,8 @@ def test_loss_batch_compiles_once_and_pads_short_chunks() -> None:
 def test_max_batch_follows_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(adapter, "MEMORY_BUDGET", 10 * 8 * (100 * 100 + 100))
     problem = build((lambda p, x: jnp.tanh(p @ x), data((100, 100))), data((100,), 1), wrt="params")
-    assert 1 <= problem.max_batch <= 8
+    compiled = problem.prepare(adapter.COMPILE_FROM)  # type: ignore[misc]
+    assert 1 <= compiled.max_batch <= 8
 
 
 # ------------------------------------------------------------------------ losses
