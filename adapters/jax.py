@@ -66,6 +66,7 @@ import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from gradcheck._errors import (
+    GradcheckInputError,
     InvalidOptionError,
     ModelError,
     NothingToCheckError,
@@ -476,6 +477,21 @@ _TRACE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _traced(fn: Callable[..., Any], avals: Any, failure: str) -> Any:
+    """``jax.jit(fn)`` traced at ``avals``; an error of the model's own becomes a `ModelError`.
+
+    Errors of gradcheck's (a loss of the wrong shape) pass through, and so do the
+    errors that mean "branches on values in Python" (the caller evaluates eagerly).
+    """
+    try:
+        return jax.jit(fn).trace(avals)
+    except (GradcheckInputError, *_TRACE_ERRORS):
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ModelError(f"{failure}: {type(exc).__name__}: {first}") from exc
+
+
 def _compile(traced: Any) -> Any:
     """Lower and compile a traced program, with XLA's default (optimising) settings.
 
@@ -580,8 +596,8 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
 
     avals = [jax.ShapeDtypeStruct(shape, jnp.float64) for *_, shape in placements]
     try:
-        loss_traced = jax.jit(of_parts).trace(avals)
-        grad_traced = jax.jit(jax.grad(of_parts)).trace(avals)
+        loss_traced = _traced(of_parts, avals, "the model raised while JAX traced it")
+        grad_traced = _traced(jax.grad(of_parts), avals, "JAX cannot differentiate the model")
     except _TRACE_ERRORS as exc:
         notes.append(
             "the model branches on values in Python, so it cannot be traced "

@@ -680,6 +680,22 @@ def test_errors_name_what_was_expected_and_what_came() -> None:
         build((lambda p, x: (x @ p, x), data((3, 2))), x, np.zeros((4, 2)))
 
 
+def test_a_model_jax_cannot_trace_or_differentiate_gets_a_model_error() -> None:
+    def shapes_wrong(p: Any, x: Any) -> Any:
+        return x @ p.T  # (4, 3) @ (2, 3)
+
+    with pytest.raises(ModelError, match="the model raised while JAX traced it: TypeError"):
+        build((shapes_wrong, data((3, 2))), data((4, 3)))
+
+    def dynamic_loop(p: Any, x: Any) -> Any:  # reverse mode cannot go through a while_loop
+        return jax.lax.while_loop(
+            lambda s: s[0] < 3, lambda s: (s[0] + 1, jnp.tanh(s[1])), (0, x @ p)
+        )[1]
+
+    with pytest.raises(ModelError, match="JAX cannot differentiate the model: ValueError: Reverse"):
+        check_gradients((dynamic_loop, data((3, 2))), data((4, 3)))
+
+
 def test_matches_and_dispatch() -> None:
     assert adapter.matches((lambda p, x: x, {"w": np.ones(2)}))
     assert adapter.matches((lambda p, x: x, {}))
