@@ -483,9 +483,10 @@ def _traced(fn: Callable[..., Any], avals: Any, failure: str) -> Any:
     Errors of gradcheck's (a loss of the wrong shape) pass through, and so do the
     errors that mean "branches on values in Python" (the caller evaluates eagerly).
     """
+    passing: tuple[type[BaseException], ...] = (GradcheckInputError, *_TRACE_ERRORS)
     try:
         return jax.jit(fn).trace(avals)
-    except (GradcheckInputError, *_TRACE_ERRORS):
+    except passing:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
