@@ -17,6 +17,7 @@ if importlib.util.find_spec("torch") is not None:
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
+
 # Hypothesis profiles: "ci" (small, derandomized) by default; `--hypothesis-profile=long`
 # or GRADCHECK_HYPOTHESIS_PROFILE=long for a longer search.
 try:

@@ -172,3 +172,62 @@ def test_a_smooth_failure_that_localisation_cannot_confirm_is_refined_before_it_
     assert "named no single entry" in (report.block("W0").note or "")
     assert (True, True, True) in calls  # W0's probe: failed smoothly, left unrefined
     assert (True, False, False) in calls  # ... then refined, since localisation named nothing
+
+
+def _one_block_problem(wrong: dict[int, float], size: int = 200_000):
+    """One block of ``size`` entries; a smooth loss whose gradient is scaled where ``wrong`` says.
+
+    Oracle: the exact gradient of sum(sin(t) * w) is cos(t) * w.
+    """
+    rng = np.random.default_rng(11)
+    t0 = rng.normal(size=size)
+    w = rng.uniform(0.5, 2.0, size=size)
+    factor = np.ones(size)
+    for i, f in wrong.items():
+        factor[i] = f
+
+    def loss(t):
+        return float(np.sum(np.sin(t) * w))
+
+    def grad(t):
+        return np.cos(t) * w * factor
+
+    return loss, grad, t0, [Block("w", (size,), 0)]
+
+
+@pytest.mark.parametrize("where", [0, 123_457, 199_999])
+def test_a_rank_weighted_probe_finds_one_wrong_entry_for_fewer_evaluations(monkeypatch, where):
+    loss, grad, t0, blocks = _one_block_problem({where: 1.01})
+    report = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert [e.index for e in report.block("w").worst] == [(where,)]
+    assert "found every wrong entry" in (report.block("w").note or "")
+    # bisection alone names the same entry, spending two evaluations per bit of its position
+    monkeypatch.setattr(gradcheck._fast, "PINPOINT_ABOVE", 10**9)
+    bisected = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert [e.index for e in bisected.block("w").worst] == [(where,)]
+    assert report.evaluations + 16 <= bisected.evaluations, (
+        report.evaluations,
+        bisected.evaluations,
+    )
+
+
+def test_several_wrong_entries_make_the_weighted_window_fail_and_bisection_take_over():
+    # two entries far apart with discrepancies of opposite sign: no window holds the sum,
+    # so the search falls back to halving, and both are still named
+    loss, grad, t0, blocks = _one_block_problem({1_000: 1.02, 150_000: 0.99})
+    calls = []
+    original = gradcheck._fast._Probe.pinpoint
+
+    def spy(self, v, members, d):
+        out = original(self, v, members, d)
+        calls.append(out is not None)
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gradcheck._fast._Probe, "pinpoint", spy)
+        report = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert sorted(e.index for e in report.block("w").worst) == [(1_000,), (150_000,)]
+    assert "found every wrong entry along the failing direction (2)" in (
+        report.block("w").note or ""
+    )
+    assert calls[0] is False and True in calls  # failed with both, worked for the last one

@@ -151,8 +151,13 @@ def test_mlp_rejects_bad_configuration():
         MLP([2, 2]).forward(np.ones((3, 5)))
 
 
-TORCH_NAMES = {"W0": "layers.0.weight", "b0": "layers.0.bias", "W1": "layers.1.weight",
-               "b1": "layers.1.bias", "input": "input"}
+TORCH_NAMES = {
+    "W0": "layers.0.weight",
+    "b0": "layers.0.bias",
+    "W1": "layers.1.weight",
+    "b1": "layers.1.bias",
+    "input": "input",
+}
 
 
 @pytest.mark.parametrize("framework", ["torch", "jax"])
