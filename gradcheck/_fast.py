@@ -213,65 +213,36 @@ class _Probe:
         return analytic - numeric
 
     def entry(self, i: int) -> tuple[Entry, bool]:
-        """Check entry ``i`` (absolute index): (entry, is a mismatch).
-
-        As full mode would, except that a mismatch that is plainly smooth at the first
-        step and half of it (`_smooth_disagreement`: the two agree with each other ten
-        times better than with the analytic value, and the one-sided gap halves) is
-        settled by those four evaluations instead of sixteen.
-        """
+        """Check entry ``i`` (absolute index) as full mode would: (entry, is a mismatch)."""
         tol, ev, f0 = self.tol, self.ev, self.f0
         idx = np.array([i])
         h = tol.step * np.maximum(np.abs(ev.theta0[idx]), 1.0)
         first = coordinate_differences(ev, idx, h, f0)
         shrink_until_finite(ev, idx, h, first)
         a = float(self.g[i])
-        half = coordinate_differences(ev, idx, h / 2.0, f0)
-
-        def allowance(numeric: float, error: float) -> float:
-            return tol.rtol * abs(numeric) + tol.safety * error + 64.0 * tol.eps * abs(a)
-
-        if _smooth_disagreement(first, half, a, tol):
-            # plainly smooth and plainly wrong, as for a deferred direction: the two steps
-            # extrapolated, with the whole correction counted as error, settle it
-            d1, d2 = float(first.central[0]), float(half.central[0])
-            n = d2 + (d2 - d1) / 3.0
-            err = abs(d2 - d1) / 3.0 + 2.0 * float(half.roundoff(tol)[0])
-            if abs(a - n) > allowance(n, err):
-                return self._entry(i, a, n, err, allowance(n, err)), True
-
-        def at(factor: float, sel: np.ndarray) -> Differences:
-            return half if factor == 0.5 else coordinate_differences(ev, idx, h * factor, f0)
-
         wanted = np.array([tol.rtol * abs(a) + 64.0 * tol.eps * abs(a)])
-        r = refine_until_resolved(at, first, tol, wanted)
+        r = refine_until_resolved(
+            lambda factor, sel: coordinate_differences(ev, idx, h * factor, f0), first, tol, wanted
+        )
         n, err = float(r.numeric[0]), float(r.error[0])
-        allowed = allowance(n, err)
+        allowed = tol.rtol * abs(n) + tol.safety * err + 64.0 * tol.eps * abs(a)
         bad = abs(a - n) > allowed
         kink = bool(r.kink[0]) and bad
         if kink:
             slack = allowed + tol.safety * float(r.one_sided_noise[0])
             bad = not (r.lo[0] - slack <= a <= r.hi[0] + slack)
-        one_sided = (float(r.lo[0]), float(r.hi[0])) if kink else None
-        return self._entry(i, a, n, err, allowed, one_sided), bad
-
-    def _entry(
-        self,
-        i: int,
-        analytic: float,
-        numeric: float,
-        error: float,
-        allowed: float,
-        one_sided: tuple[float, float] | None = None,
-    ) -> Entry:
-        return Entry(
-            index=self.block.index(i - self.block.offset),
-            analytic=analytic,
-            numeric=numeric,
-            error=error,
-            tolerance=allowed,
-            kink=one_sided is not None,
-            one_sided=one_sided,
+        local = i - self.block.offset
+        return (
+            Entry(
+                index=self.block.index(local),
+                analytic=a,
+                numeric=n,
+                error=err,
+                tolerance=allowed,
+                kink=kink,
+                one_sided=(float(r.lo[0]), float(r.hi[0])) if kink else None,
+            ),
+            bad,
         )
 
     def pinpoint(
