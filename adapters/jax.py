@@ -78,7 +78,7 @@ from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, 
 
 __all__ = ["build_problem", "matches"]
 
-try:  # public since jax 0.4.36; jax.core before
+try:  # public in jax.extend.core in recent jax; jax.core before
     from jax.extend.core import jaxpr_as_fun
 except ImportError:  # pragma: no cover - older jax
     from jax.core import jaxpr_as_fun  # type: ignore[attr-defined,no-redef]
@@ -489,8 +489,12 @@ def _traced(fn: Callable[..., Any], avals: Any, failure: str) -> Any:
     except passing:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ModelError(f"{failure}: {type(exc).__name__}: {first}") from exc
+        raise ModelError(f"{failure}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _compile(traced: Any) -> Any:
@@ -604,10 +608,11 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
             "the model branches on values in Python, so it cannot be traced "
             f"({type(exc).__name__}); evaluated eagerly, one point at a time"
         )
+        grad_of_parts = jax.grad(of_parts)
         return FlatProblem(
             theta0=theta0,
             loss=_flat_loss(lambda *parts: [of_parts(parts)], device_parts),
-            gradient=_flat_gradient(lambda *parts: jax.grad(of_parts)(list(parts)), device_parts),
+            gradient=_flat_gradient(lambda *parts: grad_of_parts(list(parts)), device_parts),
             blocks=blocks,
             framework="jax",
             notes=notes,
@@ -696,11 +701,8 @@ def _compiled(
                 rows = jax.ShapeDtypeStruct((max_batch, size), jnp.float64)
                 batch_exe = _compile(jax.jit(jax.vmap(scalar)).trace(rows))
             except Exception as exc:  # no batching rule, a callback that cannot vmap, ...
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                notes.append(
-                    f"the model cannot be vmapped ({type(exc).__name__}: {first_line[:120]}); "
-                    "evaluations run one at a time"
-                )
+                why = f"{type(exc).__name__}: {_first_line(exc)[:120]}"
+                notes.append(f"the model cannot be vmapped ({why}); evaluations run one at a time")
             else:
                 loss_batch = _padded(batch_exe, eager.theta0, max_batch)
         if loss_batch is not None:
