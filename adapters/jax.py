@@ -597,7 +597,7 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
         return of_parts(split(theta))
 
     def device_parts(theta: np.ndarray) -> list[jax.Array]:
-        return [jnp.asarray(part) for part in split(np.asarray(theta, dtype=np.float64))]
+        return [jax.device_put(part) for part in split(np.asarray(theta, dtype=np.float64))]
 
     avals = [jax.ShapeDtypeStruct(shape, jnp.float64) for *_, shape in placements]
     try:

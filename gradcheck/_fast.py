@@ -53,10 +53,13 @@ from ._report import MAX_ROWS, BlockResult, Entry
 MAX_LOCALIZE = 5
 #: blocks this small are localised by checking every entry instead of bisecting
 SCAN_BELOW = 8
-#: localisation narrows a support larger than this by a rank-weighted probe (see
-#: `_Probe.pinpoint`) to a window of 1/`PINPOINT_SHRINK` of it, and bisects below
-PINPOINT_ABOVE = 16
+#: localisation narrows a support larger than this by rank-weighted probes (see
+#: `_Probe.pinpoint`), to windows of at most 1/`PINPOINT_SHRINK` of it, and bisects below
+PINPOINT_ABOVE = 4
 PINPOINT_SHRINK = 64
+#: a window is drawn this many times wider than the estimated error of the rank it is
+#: centred on
+PINPOINT_MARGIN = 4.0
 #: a direction that fails across this many blocks or fewer is checked on each block;
 #: across more, the blocks are halved until groups this small remain
 SCAN_BLOCKS = 8
@@ -80,6 +83,10 @@ class _Verdict:
     allowed: float
     shrink: float  # first step / nominal step (< 1 where the loss left its domain)
     provisional: bool = False  # failed before refinement (see `_Line.check`'s ``defer``)
+    # error of one central difference at the first step along (part of) the direction,
+    # likely and at most: the truncation seen between the two steps, plus round-off of one
+    # unit or of ``tol.noise`` units per loss value (inf: not measured)
+    noise: tuple[float, float] = (math.inf, math.inf)
 
     @property
     def residual(self) -> float:
@@ -95,6 +102,21 @@ class _Line:
 
     def __init__(self, ev: Evaluator, g: np.ndarray, f0: float, tol: Tolerance) -> None:
         self.ev, self.g, self.f0, self.tol = ev, g, f0, tol
+        self._positions: np.ndarray | None = None
+        self._scratch: np.ndarray | None = None
+
+    def positions(self, span: slice) -> np.ndarray:
+        """The indices ``span`` covers, as a view of one array made once per check."""
+        if self._positions is None:
+            self._positions = np.arange(self.g.size)
+        return self._positions[span]
+
+    def scratch(self) -> np.ndarray:
+        """A zero vector of the problem's size, made once per check; whoever writes into
+        it sets it back to zero (fresh O(P) arrays cost page faults at every use)."""
+        if self._scratch is None:
+            self._scratch = np.zeros_like(self.g)
+        return self._scratch
 
     def differences(self, v: np.ndarray, support: Support, s: float) -> Differences:
         return line_differences(self.ev, v, s, self.f0, support)
@@ -126,14 +148,15 @@ class _Line:
         error = 2.0 * float(small.roundoff(self.tol)[0])
         return value, error, small
 
-    def allowed(self, v: np.ndarray, support: Support, count: int, error: float) -> float:
-        """``safety`` x error + round-off of the dot product + rtol x one entry's typical share."""
+    def slack(self, v: np.ndarray, support: Support, count: int) -> float:
+        """What a direction is allowed beyond ``safety`` x its error: round-off of the dot
+        product + rtol x one entry's typical share."""
         tol = self.tol
         terms = self.g[support] * v[support]
-        l1 = float(np.sum(np.abs(terms)))
         l2 = float(np.sqrt(np.dot(terms, terms)))
+        np.abs(terms, out=terms)
         typical = l2 / math.sqrt(max(count, 1))
-        return tol.safety * error + tol.noise * tol.eps * l1 + tol.rtol * typical
+        return tol.noise * tol.eps * float(np.sum(terms)) + tol.rtol * typical
 
     def check(
         self,
@@ -158,20 +181,28 @@ class _Line:
         analytic = float(np.dot(g[support], v[support]))
         first, step = self.first(v, support, tol.step)
 
-        def verdict(numeric: float, error: float, passed: bool | None = None) -> _Verdict:
-            allowed = self.allowed(v, support, count, error)
-            ok = abs(analytic - numeric) <= allowed if passed is None else passed
-            return _Verdict(ok, analytic, numeric, error, allowed, step / tol.step)
+        noise = (math.inf, math.inf)
+        slack = self.slack(v, support, count)
 
-        result = verdict(float(first.central[0]), float(first.roundoff(tol)[0]))
+        def verdict(numeric: float, error: float, passed: bool | None = None) -> _Verdict:
+            allowed = tol.safety * error + slack
+            ok = abs(analytic - numeric) <= allowed if passed is None else passed
+            return _Verdict(ok, analytic, numeric, error, allowed, step / tol.step, noise=noise)
+
+        roundoff = float(first.roundoff(tol)[0])
+        result = verdict(float(first.central[0]), roundoff)
         if result.passed:
             return result
         value, error, small = self.richardson2(v, support, first, step)
+        truncation = 4.0 / 3.0 * abs(float(first.central[0]) - float(small.central[0]))
+        noise = (truncation + roundoff / tol.noise, truncation + roundoff)
         result = verdict(value, error)
-        if result.passed or not refine:
+        if result.passed:
             return result
         if defer and _smooth_disagreement(first, small, analytic, tol):
             return replace(result, provisional=True)
+        if not refine:
+            return result
         ev, f0 = self.ev, self.f0
         wanted = result.allowed - tol.safety * result.error
         r = refine_until_resolved(
@@ -188,12 +219,30 @@ class _Line:
 
 
 class _Probe:
-    """One block's directional check and, on failure, its localisation."""
+    """Directional checks of one block, or of consecutive blocks at once, and localisation."""
 
-    def __init__(self, line: _Line, block: Block) -> None:
-        self.line, self.block = line, block
+    def __init__(self, line: _Line, blocks: list[Block]) -> None:
+        self.line, self.blocks = line, blocks
         self.ev, self.g, self.f0, self.tol = line.ev, line.g, line.f0, line.tol
+        self.span = _span(blocks)
+        self.members = line.positions(self.span)
         self.shrink = 1.0  # of the failing direction being localised (see `_Verdict`)
+        self._first: dict[int, tuple[Differences, np.ndarray]] = {}  # see `first_pass`
+
+    def block_of(self, i: int) -> Block:
+        """The block holding entry ``i`` (absolute index)."""
+        return next(b for b in self.blocks if b.offset <= i < b.offset + b.size)
+
+    def check_without(self, v: np.ndarray, entries: list[int], refine: bool = True) -> _Verdict:
+        """The probe's check along ``v`` without ``entries`` (absolute indices).
+
+        The entries are zeroed in a copy of ``v`` rather than left out of the support,
+        which stays one slice: O(P) work per evaluation either way, but no gathers.
+        """
+        w = v.copy()
+        w[entries] = 0.0
+        count = self.members.size - len(entries)
+        return self.line.check(w, self.span, count, refine=refine)
 
     def residual(self, v: np.ndarray, members: np.ndarray) -> float:
         """analytic - numeric along ``v`` restricted to ``members``.
@@ -212,13 +261,22 @@ class _Probe:
         numeric, _, _ = line.richardson2(v, support, big, step)
         return analytic - numeric
 
+    def first_pass(self, i: int) -> tuple[Differences, np.ndarray]:
+        """The central difference of entry ``i`` (absolute index) at full mode's step, and
+        the step; kept, as `entry` starts from it."""
+        if i not in self._first:
+            ev, idx = self.ev, np.array([i])
+            h = self.tol.step * np.maximum(np.abs(ev.theta0[idx]), 1.0)
+            first = coordinate_differences(ev, idx, h, self.f0)
+            shrink_until_finite(ev, idx, h, first)
+            self._first[i] = (first, h)
+        return self._first[i]
+
     def entry(self, i: int) -> tuple[Entry, bool]:
         """Check entry ``i`` (absolute index) as full mode would: (entry, is a mismatch)."""
         tol, ev, f0 = self.tol, self.ev, self.f0
         idx = np.array([i])
-        h = tol.step * np.maximum(np.abs(ev.theta0[idx]), 1.0)
-        first = coordinate_differences(ev, idx, h, f0)
-        shrink_until_finite(ev, idx, h, first)
+        first, h = self.first_pass(i)
         a = float(self.g[i])
         wanted = np.array([tol.rtol * abs(a) + 64.0 * tol.eps * abs(a)])
         r = refine_until_resolved(
@@ -231,10 +289,10 @@ class _Probe:
         if kink:
             slack = allowed + tol.safety * float(r.one_sided_noise[0])
             bad = not (r.lo[0] - slack <= a <= r.hi[0] + slack)
-        local = i - self.block.offset
+        block = self.block_of(i)
         return (
             Entry(
-                index=self.block.index(local),
+                index=block.index(i - block.offset),
                 analytic=a,
                 numeric=n,
                 error=err,
@@ -245,80 +303,168 @@ class _Probe:
             bad,
         )
 
-    def pinpoint(
-        self, v: np.ndarray, members: np.ndarray, d: float
-    ) -> tuple[np.ndarray, float] | None:
-        """A window of ``members`` holding the discrepancy ``d``, from two residuals.
+    def read(self, v: np.ndarray, members: np.ndarray, d: float, low: float) -> tuple[float, float]:
+        """Where along ``members`` a single wrong entry holding ``d`` lies: (q, its rank).
 
-        Along ``v`` with each member weighted by its rank ``(k + 1) / n``, a single
-        wrong entry's discrepancy is scaled by its own rank: one residual reads
-        where it lies. The window of ``n / PINPOINT_SHRINK`` members around that
-        rank is accepted only if its own residual (the ``d`` of the next step) carries
-        ``d`` to within a quarter; several wrong entries, or a discrepancy too close to
-        the noise to be read this finely, fail that test (None: bisect instead). Four
-        evaluations for six bits of the position, where bisection spends two per bit.
+        Along ``v`` with the members weighted from ``low`` (the first) to 1 (the last)
+        in equal steps, the entry's discrepancy is scaled by its own weight, so the
+        residual divided by ``d`` is that weight, ``q``, and gives the rank. Were ``d``
+        not there at all, ``q`` would be about 0.
         """
         n = members.size
-        weighted = np.zeros_like(v)
-        weighted[members] = v[members] * ((np.arange(n) + 1.0) / n)
-        rank = self.residual(weighted, members) / d * n - 1.0
-        width = max(-(-n // PINPOINT_SHRINK), 4)
-        if not (-width <= rank <= n - 1 + width):  # noise moves an end entry a little past
-            return None
-        start = min(max(round(rank) - width // 2, 0), n - width)
-        window = members[start : start + width]
-        d_window = self.residual(v, window)
-        if abs(d_window - d) > 0.25 * abs(d):
-            return None
-        return window, d_window
+        weighted = self.line.scratch()
+        where = _contiguous(members)
+        weighted[where] = v[where] * np.linspace(low, 1.0, n)
+        try:
+            q = self.residual(weighted, members) / d
+        finally:
+            weighted[where] = 0.0
+        return q, (q - low) / (1.0 - low) * (n - 1)
 
-    def localize(self, v: np.ndarray, total: float) -> tuple[list[Entry], bool]:
-        """Search the block's support for wrong entries: (entries found, the search finished).
+    def pinpoint(
+        self,
+        v: np.ndarray,
+        members: np.ndarray,
+        d: float,
+        noise: tuple[float, float] = (math.inf, math.inf),
+    ) -> tuple[np.ndarray, float, bool]:
+        """Narrow ``members`` (holding the discrepancy ``d``) by rank-weighted readings
+        (`read`): (the members left, their discrepancy, whether it behaved as one entry's).
 
-        A large support is first narrowed by rank-weighted probes (`pinpoint`);
-        then each step probes one half of the current support, and the discrepancy
-        of the other half follows by linearity. An entry the bisection ends on is checked
+        A reading is off by about ``2 * noise / |d|`` in ``q`` (``noise``: the error of
+        one residual, likely and at most; see `_Verdict`), so windows `PINPOINT_MARGIN`
+        times that wide in ranks are tried around it, the narrower first, then one of
+        ``n / PINPOINT_SHRINK`` members. A window is read with weights from about 1/2
+        to 1: the same residual tells whether it holds the discrepancy (``q`` near 0
+        if not) and where in it the entry lies. A window of one entry must carry ``d``
+        to within a quarter on its own. Several wrong entries, or a discrepancy too
+        close to the noise to be read this finely, fail every window (False: bisect
+        from what is left). Each step costs two evaluations; at a million entries
+        with one wrong, three steps usually name it, where bisection takes twenty.
+        """
+        n = members.size
+        if not (d != 0.0 and math.isfinite(d)):
+            return members, d, False
+        low = 1.0 / n
+        _, rank = self.read(v, members, d, low)
+        widest = max(-(-n // PINPOINT_SHRINK), 4)
+        if not (-widest <= rank <= n - 1 + widest):  # noise moves an end entry a little past
+            return members, d, False
+        while members.size > 1:
+            n = members.size
+            per_noise = 2.0 / abs(d) * (n - 1) / (1.0 - low)  # ranks per unit of noise
+            widest = max(-(-n // PINPOINT_SHRINK), 4)
+            spreads = [PINPOINT_MARGIN * level * per_noise for level in noise]
+            widths = {max(math.ceil(x), 1) for x in spreads if x <= widest}  # (not NaN or inf)
+            if n > PINPOINT_ABOVE:
+                widths.add(widest)
+            candidates = sorted(w for w in widths if w < n)
+            if not candidates:  # (small, and the noise unknown): bisection is as cheap
+                break
+            for width in candidates:
+                start = min(max(round(rank) - width // 2, 0), n - width)
+                window = members[start : start + width]
+                if width == 1:  # the entry's own difference, which its check then starts from
+                    i = int(window[0])
+                    first, _ = self.first_pass(i)
+                    d_window = (float(self.g[i]) - float(first.central[0])) * float(v[i])
+                    if abs(d_window - d) <= 0.25 * abs(d):
+                        return window, d_window, True
+                    continue
+                window_low = (width + 1.0) / (2.0 * width)
+                q, window_rank = self.read(v, window, d, window_low)
+                if 0.25 <= q <= 1.25:
+                    members, rank, low = window, window_rank, window_low
+                    break
+            else:
+                return members, d, False
+        return members, d, True
+
+    def narrow(
+        self,
+        v: np.ndarray,
+        members: np.ndarray,
+        d: float,
+        noise: tuple[float, float],
+        strict: bool = False,
+    ) -> tuple[int, float] | None:
+        """The one entry of ``members`` that the discrepancy ``d`` along ``v`` leads to, and
+        its own discrepancy.
+
+        Rank-weighted readings (`pinpoint`) narrow a support larger than
+        `PINPOINT_ABOVE`; halving takes over for what they leave, the half holding at
+        least half of the discrepancy being kept (the other half's follows by
+        linearity). With ``strict``, a discrepancy that does not behave as one entry's
+        ends the search instead (None).
+        """
+        if members.size > PINPOINT_ABOVE:
+            members, d, single = self.pinpoint(v, members, d, noise)
+            if strict and not single:
+                return None
+        while members.size > 1:
+            half = members[: members.size // 2]
+            d_half = self.residual(v, half)
+            if abs(d_half) >= 0.5 * abs(d):
+                members, d = half, d_half
+            else:
+                members, d = members[members.size // 2 :], d - d_half
+        return int(members[0]), d
+
+    def localize(self, v: np.ndarray, failed: _Verdict) -> tuple[list[Entry], bool]:
+        """Search the support for the wrong entries behind ``failed`` along ``v``: (entries
+        found, the search finished).
+
+        Each search narrows the support to one entry (`narrow`), which is then checked
         as in full mode; after each wrong entry the direction without the entries
         found so far is checked again, with the same test as the block's probe.
         """
         found: list[Entry] = []
-        remaining = np.arange(self.block.offset, self.block.offset + self.block.size)
+        named: list[int] = []  # their absolute indices
+        remaining = self.members
         if remaining.size <= SCAN_BELOW:  # cheaper and surer to check every entry
             for k in remaining.tolist():
                 entry, bad = self.entry(k)
                 if bad:
                     found.append(entry)
             return found, True
-        residual = total
+        self.shrink = failed.shrink
+        residual, noise = failed.residual, failed.noise
         while len(found) < MAX_LOCALIZE and remaining.size:
-            pinpoint = True  # until a window fails to hold the discrepancy (several wrong entries)
-            members, d = remaining, residual
-            while members.size > 1:
-                if pinpoint and members.size > PINPOINT_ABOVE:
-                    window = self.pinpoint(v, members, d)
-                    if window is not None:
-                        members, d = window
-                        continue
-                    pinpoint = False
-                half = members[: members.size // 2]
-                d_half = self.residual(v, half)
-                if abs(d_half) >= 0.5 * abs(d):
-                    members, d = half, d_half
-                else:
-                    members, d = members[members.size // 2 :], d - d_half
-            i = int(members[0])
-            entry, bad = self.entry(i)
+            narrowed = self.narrow(v, remaining, residual, noise)
+            assert narrowed is not None  # (only a strict search gives up)
+            entry, bad = self.entry(narrowed[0])
             if not bad:  # the discrepancy is spread too thin to single out an entry
                 return found, False
             found.append(entry)
-            remaining = remaining[remaining != i]
+            named.append(narrowed[0])
+            remaining = remaining[remaining != narrowed[0]]
             if not remaining.size:
                 return found, True
-            verdict = self.line.check(v, _contiguous(remaining), remaining.size)
+            verdict = self.check_without(v, named)
             if verdict.passed:
                 return found, True
-            residual = verdict.residual
+            residual, noise = verdict.residual, verdict.noise
         return found, False
+
+    def one_entry(self, v: np.ndarray, failed: _Verdict) -> tuple[Entry, int, float] | None:
+        """The single wrong entry that explains ``failed`` along ``v``, if there is one:
+        (the entry, its absolute index, its discrepancy along ``v``).
+
+        The search gives up as soon as the discrepancy does not behave as one entry's
+        (a window that fails to hold it, an entry that checks out), and the direction
+        without the entry found must agree.
+        """
+        self.shrink = failed.shrink
+        narrowed = self.narrow(v, self.members, failed.residual, failed.noise, strict=True)
+        if narrowed is None:
+            return None
+        i, d = narrowed
+        entry, bad = self.entry(i)
+        if not bad:
+            return None
+        if not self.check_without(v, [i], refine=False).passed:
+            return None
+        return entry, i, d
 
     def run(self, directions: list[np.ndarray], probes: int) -> BlockResult:
         """Check the block along ``directions`` (their part in it); localise the first failure.
@@ -326,27 +472,18 @@ class _Probe:
         ``probes``: how many random directions the check drew; those not given here
         agreed across all blocks, and so count as passed in this one.
         """
-        b = self.block
+        (b,) = self.blocks
         failures: list[tuple[np.ndarray, _Verdict]] = []
         for v in directions:
             # the first failure may stay unrefined if it looks smooth: localisation confirms it
             verdict = self.line.check(v, b.slice, b.size, defer=not failures)
             if not verdict.passed:
                 failures.append((v, verdict))
-        result = BlockResult(
-            name=b.name,
-            shape=b.shape,
-            kind=b.kind,
-            checked=probes,
-            size=b.size,
-            mismatches=0,
-            scale=float(np.max(np.abs(self.g[b.slice]))) if b.size else 0.0,
-        )
+        result = _passed(b, self.g, probes)
         if not failures:
             return result
         v, verdict = failures[0]
-        self.shrink = verdict.shrink
-        found, finished = self.localize(v, verdict.residual)
+        found, finished = self.localize(v, verdict)
         if verdict.provisional and not found:  # unconfirmed: refine before failing the block
             verdict = self.line.check(v, b.slice, b.size)
             if verdict.passed:
@@ -354,41 +491,66 @@ class _Probe:
                 if not failures:
                     return result
                 v, verdict = failures[0]
-        analytic, numeric = verdict.analytic, verdict.numeric
-        found.sort(key=lambda e: -e.abs_diff)
-        diagnosis = None
-        if found:
-            a = np.array([e.analytic for e in found])
-            n = np.array([e.numeric for e in found])
-            every = np.ones(len(found), dtype=bool)
-            diagnosis = diagnose(a, n, every, b.shape, size=b.size if finished else b.size + 1)
-        ratio = analytic / numeric if numeric != 0 else math.inf
-        if finished and found:
-            note = (
-                f"localisation found every wrong entry along the failing direction ({len(found)})"
-            )
-        elif found:
-            note = (
-                f"localisation stopped after {len(found)} entries (at most {MAX_LOCALIZE}); "
-                f"more are wrong: along the failing direction analytic / numeric = {ratio:.6g}"
-            )
-        else:
-            note = (
-                "localisation named no single entry (the error is spread over many); "
-                f"along the failing direction analytic / numeric = {ratio:.6g}"
-            )
-        if diagnosis is None or not finished:
-            diagnosis = _direction_diagnosis(ratio) or diagnosis
-        return replace(
-            result,
-            mismatches=len(failures),
-            worst=tuple(found[:MAX_ROWS]),
-            max_abs_diff=abs(analytic - numeric),
-            max_rel_diff=abs(analytic - numeric) / abs(numeric) if numeric else math.inf,
-            diagnosis=diagnosis,
-            localized=len(found),
-            note=note,
+        return _failed(result, len(failures), found, finished, verdict.analytic, verdict.numeric)
+
+
+def _passed(block: Block, g: np.ndarray, probes: int) -> BlockResult:
+    """A block along which every one of the ``probes`` directions agreed."""
+    return BlockResult(
+        name=block.name,
+        shape=block.shape,
+        kind=block.kind,
+        checked=probes,
+        size=block.size,
+        mismatches=0,
+        scale=float(np.max(np.abs(g[block.slice]))) if block.size else 0.0,
+    )
+
+
+def _failed(
+    result: BlockResult,
+    mismatches: int,
+    found: list[Entry],
+    finished: bool,
+    analytic: float,
+    numeric: float,
+) -> BlockResult:
+    """``result`` failed by ``mismatches`` directions, with the wrong entries localisation
+    ``found`` (all of them if ``finished``); ``analytic`` and ``numeric``: the block's part of
+    the first failing direction."""
+    found = sorted(found, key=lambda e: -e.abs_diff)
+    diagnosis = None
+    if found:
+        a = np.array([e.analytic for e in found])
+        n = np.array([e.numeric for e in found])
+        every = np.ones(len(found), dtype=bool)
+        size = result.size if finished else result.size + 1
+        diagnosis = diagnose(a, n, every, result.shape, size=size)
+    ratio = analytic / numeric if numeric != 0 else math.inf
+    if finished and found:
+        note = f"localisation found every wrong entry along the failing direction ({len(found)})"
+    elif found:
+        note = (
+            f"localisation stopped after {len(found)} entries (at most {MAX_LOCALIZE}); "
+            f"more are wrong: along the failing direction analytic / numeric = {ratio:.6g}"
         )
+    else:
+        note = (
+            "localisation named no single entry (the error is spread over many); "
+            f"along the failing direction analytic / numeric = {ratio:.6g}"
+        )
+    if diagnosis is None or not finished:
+        diagnosis = _direction_diagnosis(ratio) or diagnosis
+    return replace(
+        result,
+        mismatches=mismatches,
+        worst=tuple(found[:MAX_ROWS]),
+        max_abs_diff=abs(analytic - numeric),
+        max_rel_diff=abs(analytic - numeric) / abs(numeric) if numeric else math.inf,
+        diagnosis=diagnosis,
+        localized=len(found),
+        note=note,
+    )
 
 
 def _smooth_disagreement(
@@ -437,17 +599,19 @@ def _block_weights(problem: FlatProblem, tol: Tolerance) -> np.ndarray:
 
 def _direction(rng: np.random.Generator, scale: np.ndarray) -> np.ndarray:
     """Entries ``±(1 + u) * scale_i``, ``u`` uniform in [0, 1), independent signs."""
-    u = rng.random(scale.size, dtype=np.float32).astype(np.float64)
-    u -= 0.5  # sign and magnitude from one draw: |2u| is uniform in [0, 1)
-    v = np.copysign(1.0, u)
-    v += 2.0 * u
+    u = rng.random(scale.size, dtype=np.float32)
+    u -= np.float32(0.5)  # exact; sign and magnitude from one draw: |2u| is uniform in [0, 1)
+    v = np.abs(u, dtype=np.float64)
+    v *= 2.0
+    v += 1.0
+    np.copysign(v, u, out=v)
     v *= scale
     return v
 
 
-def _span(blocks: list[Block]) -> Support:
-    """The entries of ``blocks``, as a slice where they are one run."""
-    return _contiguous(np.concatenate([np.arange(b.offset, b.offset + b.size) for b in blocks]))
+def _span(blocks: list[Block]) -> slice:
+    """The entries of consecutive ``blocks`` (blocks tile the vector in order)."""
+    return slice(blocks[0].offset, blocks[-1].offset + blocks[-1].size)
 
 
 def run_fast(
@@ -474,20 +638,56 @@ def run_fast(
     probes = options.probes
     results: dict[int, BlockResult] = {}  # by id() of the block
 
-    def screen(group: list[Block], directions: list[np.ndarray]) -> list[np.ndarray]:
-        """The directions that disagree along ``group`` (extrapolated, not refined)."""
+    def screen(
+        group: list[Block], directions: list[np.ndarray]
+    ) -> list[tuple[np.ndarray, _Verdict]]:
+        """The directions that disagree along ``group`` (extrapolated, not refined), with
+        their verdicts."""
         support, count = _span(group), sum(b.size for b in group)
-        return [v for v in directions if not line.check(v, support, count, refine=False).passed]
+        verdicts = [
+            (v, line.check(v, support, count, refine=False, defer=True)) for v in directions
+        ]
+        return [(v, verdict) for v, verdict in verdicts if not verdict.passed]
 
-    def settle(group: list[Block], directions: list[np.ndarray]) -> None:
-        """Verdicts for ``group``, along which ``directions`` disagree (none: all pass)."""
-        if not directions or len(group) <= SCAN_BLOCKS:
+    def at_once(group: list[Block], failing: list[tuple[np.ndarray, _Verdict]]) -> bool:
+        """Settle ``group`` by one wrong entry that explains every failing direction, if one does.
+
+        The first direction must disagree smoothly (no kink to refine first); the
+        entry it leads to must check out as wrong, and every failing direction must
+        agree without it. Its block then fails, and every other block passes.
+        """
+        (v, verdict), others = failing[0], failing[1:]
+        probe = _Probe(line, group)
+        if not verdict.provisional or probe.members.size <= SCAN_BELOW:
+            return False
+        named = probe.one_entry(v, verdict)
+        if named is None:
+            return False
+        entry, i, d = named
+        if not all(probe.check_without(w, [i], refine=False).passed for w, _ in others):
+            return False
+        for b in group:
+            results[id(b)] = _passed(b, g, probes)
+        block = probe.block_of(i)
+        analytic = float(np.dot(g[block.slice], v[block.slice]))
+        results[id(block)] = _failed(
+            results[id(block)], len(failing), [entry], True, analytic, analytic - d
+        )
+        return True
+
+    def settle(group: list[Block], failing: list[tuple[np.ndarray, _Verdict]]) -> None:
+        """Verdicts for ``group``, along which the ``failing`` directions disagree (none: all
+        pass)."""
+        if failing and len(group) > 1 and at_once(group, failing):
+            return
+        directions = [v for v, _ in failing]
+        if not failing or len(group) <= SCAN_BLOCKS:
             for block in group:
-                results[id(block)] = _Probe(line, block).run(directions, probes)
+                results[id(block)] = _Probe(line, [block]).run(directions, probes)
             return
         half = len(group) // 2
         for part in (group[:half], group[half:]):
-            settle(part, screen(part, directions) if len(part) > 1 else directions)
+            settle(part, screen(part, directions) if len(part) > 1 else failing)
 
     blocks = list(problem.blocks)
     failing = []  # only directions that fail are kept (O(P) each)

@@ -5,6 +5,8 @@ Oracle: the reference MLP (correct backward) and its planted bugs at known place
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from test_reference import EXPECTED_BLOCKS
@@ -166,7 +168,8 @@ def test_a_smooth_failure_that_localisation_cannot_confirm_is_refined_before_it_
 
     check = gradcheck._fast._Line.check
     monkeypatch.setattr(gradcheck._fast._Line, "check", refine_spy)
-    monkeypatch.setattr(gradcheck._fast._Probe, "localize", lambda self, v, total: ([], False))
+    monkeypatch.setattr(gradcheck._fast._Probe, "one_entry", lambda self, v, failed: None)
+    monkeypatch.setattr(gradcheck._fast._Probe, "localize", lambda self, v, failed: ([], False))
     report = check_gradients(mlp, x, y, loss="mse", mode="fast", wrt="params")
     assert [b.name for b in report.failed_blocks] == ["W0"]
     assert "named no single entry" in (report.block("W0").note or "")
@@ -218,9 +221,9 @@ def test_several_wrong_entries_make_the_weighted_window_fail_and_bisection_take_
     calls = []
     original = gradcheck._fast._Probe.pinpoint
 
-    def spy(self, v, members, d):
-        out = original(self, v, members, d)
-        calls.append(out is not None)
+    def spy(self, *args):
+        out = original(self, *args)
+        calls.append(out[2])  # whether the discrepancy behaved as one entry's
         return out
 
     with pytest.MonkeyPatch.context() as mp:
@@ -239,7 +242,7 @@ def _entry_costs(monkeypatch):
     original = gradcheck._fast._Probe.entry
 
     def spy(self, i):
-        before = self.ev.count
+        before = self.ev.count - (2 if i in self._first else 0)  # a first pass made earlier
         out = original(self, i)
         costs.append(self.ev.count - before)
         return out
@@ -266,3 +269,71 @@ def test_a_wrong_entry_on_a_kink_gets_the_full_refinement(monkeypatch):
     (entry,) = report.failed_blocks[0].worst
     assert entry.index == (17,) and entry.kink and entry.one_sided == pytest.approx((-1, 1))
     assert costs == [16]
+
+
+def _blocks_problem(sizes: list[int], wrong: dict[int, float]):
+    """Consecutive blocks of ``sizes``; a smooth loss whose gradient is scaled at the
+    absolute indices ``wrong``. Oracle: the exact gradient of sum(sin(t) * w) is cos(t) * w.
+    """
+    rng = np.random.default_rng(5)
+    size = sum(sizes)
+    t0 = rng.normal(size=size)
+    w = rng.uniform(0.5, 2.0, size=size)
+    factor = np.ones(size)
+    for i, f in wrong.items():
+        factor[i] = f
+    offsets = np.cumsum([0, *sizes[:-1]])
+    blocks = [
+        Block(f"b{k}", (n,), int(o)) for k, (n, o) in enumerate(zip(sizes, offsets, strict=True))
+    ]
+
+    def loss(t):
+        return float(np.sum(np.sin(t) * w))
+
+    def grad(t):
+        return np.cos(t) * w * factor
+
+    return loss, grad, t0, blocks
+
+
+def test_one_wrong_entry_among_several_blocks_is_named_without_checking_each_block(monkeypatch):
+    # the direction fails across all six blocks; the search runs over all of them at once, and
+    # once the entry is named the direction without it agrees, so every other block passes
+    sizes = [3_000, 40, 50_000, 40, 20_000, 10]
+    wrong = 3_040 + 31_337  # entry 31,337 of b2
+    loss, grad, t0, blocks = _blocks_problem(sizes, {wrong: 1.01})
+    report = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert [b.name for b in report.failed_blocks] == ["b2"]
+    assert [e.index for e in report.block("b2").worst] == [(31_337,)]
+    assert "found every wrong entry" in (report.block("b2").note or "")
+    assert all(b.checked == 1 for b in report.blocks)
+    # the same verdicts, reached by checking each block's part of the direction first
+    monkeypatch.setattr(gradcheck._fast._Probe, "one_entry", lambda self, v, failed: None)
+    per_block = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert [b.name for b in per_block.failed_blocks] == ["b2"]
+    assert [e.index for e in per_block.block("b2").worst] == [(31_337,)]
+    assert report.evaluations + 8 <= per_block.evaluations, (
+        report.evaluations,
+        per_block.evaluations,
+    )
+
+
+def test_two_wrong_entries_in_different_blocks_are_each_named_in_their_block():
+    # no single entry explains the direction: the search over all blocks gives up, and each
+    # block is checked and searched on its own
+    loss, grad, t0, blocks = _blocks_problem([3_000, 40, 50_000], {1_234: 1.02, 3_040 + 9: 0.97})
+    report = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert [b.name for b in report.failed_blocks] == ["b0", "b2"]
+    assert [e.index for e in report.block("b0").worst] == [(1_234,)]
+    assert [e.index for e in report.block("b2").worst] == [(9,)]
+
+
+def test_windows_sized_from_the_noise_name_an_entry_in_fewer_evaluations(monkeypatch):
+    loss, grad, t0, blocks = _one_block_problem({123_457: 1.01})
+    report = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert [e.index for e in report.block("w").worst] == [(123_457,)]
+    # windows of n / 64 only (as if the noise were unknown) name the same entry, later
+    monkeypatch.setattr(gradcheck._fast, "PINPOINT_MARGIN", math.inf)
+    fixed = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert [e.index for e in fixed.block("w").worst] == [(123_457,)]
+    assert report.evaluations + 4 <= fixed.evaluations, (report.evaluations, fixed.evaluations)
