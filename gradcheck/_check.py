@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -62,6 +63,113 @@ def _expected_evaluations(mode: str, size: int) -> int:
     """What a passing check costs, in loss evaluations: full mode two per entry (plus the
     starting point twice), fast mode one central difference (a failure costs more)."""
     return 2 * size + 2 if mode == "full" else 4
+
+
+@dataclass
+class Judged:
+    """Full mode's verdict on some entries after refinement (arrays in the order given)."""
+
+    ok: np.ndarray
+    numeric: np.ndarray
+    error: np.ndarray
+    allowed: np.ndarray
+    kink: np.ndarray  # not differentiable within the step, judged by the one-sided derivatives
+    lo: np.ndarray
+    hi: np.ndarray
+    unverified_kinks: int  # coincident kinks beyond ``side_checks``, accepted unchecked
+    below_resolution: int  # accepted: the loss cannot resolve their gradient
+
+
+def judge_entries(
+    ev: Evaluator,
+    idx: np.ndarray,
+    a: np.ndarray,
+    h: np.ndarray,
+    first: Differences,
+    f0: float,
+    tol: Tolerance,
+    floor: float,
+    side_checks: int = KINK_SIDE_CHECKS,
+) -> Judged:
+    """Refine the entries ``idx`` (absolute indices; analytic values ``a``; first-pass
+    steps ``h`` and differences ``first``) and decide each as full mode does.
+
+    An entry passes when it agrees with its refined numerical derivative within
+    ``floor + rtol * |numeric| + safety * error`` (plus ``rtol`` times the gap between the
+    one-sided derivatives); at a kink, when its value lies between the one-sided
+    derivatives, or else when the backward just beside the kink matches them (at most
+    ``side_checks`` entries; `_both_sides`); and where the loss does not change at float
+    resolution and the gradient is too small to show.
+    """
+    r = refine_until_resolved(
+        lambda factor, sel: coordinate_differences(ev, idx[sel], h[sel] * factor, f0),
+        first,
+        tol,
+        wanted=floor + tol.rtol * np.abs(a),
+    )
+    with np.errstate(invalid="ignore"):
+        gap = np.abs(r.right - r.left)
+        gap = np.where(np.isfinite(gap), gap, 0.0)
+        allow = floor + tol.rtol * np.abs(r.numeric) + tol.safety * r.error + tol.rtol * gap
+        ok = np.abs(a - r.numeric) <= allow
+        at_kink = ~ok & r.kink
+        slack = floor + tol.rtol * np.abs(a) + tol.safety * r.one_sided_noise
+        inside = (a >= r.lo - slack) & (a <= r.hi + slack)
+    accepted = ok | (at_kink & inside)
+    outside = np.flatnonzero(at_kink & ~inside)
+    checked, unchecked = outside[:side_checks], outside[side_checks:]
+    if checked.size:
+        accepted[checked] = _both_sides(ev, tol, idx[checked], r, checked, floor)
+    if unchecked.size:  # beyond the budget: not verified, not blamed either
+        accepted[unchecked] = True
+    # a loss that did not change at all at any step cannot show a gradient whose effect
+    # over the largest step is below the resolution of values of magnitude max(|f|, 1)
+    resolution = tol.noise * tol.eps * max(abs(f0), 1.0)
+    invisible = ~accepted & r.flat & (np.abs(a) * REFINE_FACTORS[0] * h <= resolution)
+    accepted[invisible] = True
+    return Judged(
+        ok=accepted,
+        numeric=r.numeric,
+        error=r.error,
+        allowed=np.where(np.isfinite(allow), allow, np.inf),
+        kink=at_kink,
+        lo=r.lo,
+        hi=r.hi,
+        unverified_kinks=int(unchecked.size),
+        below_resolution=int(np.sum(invisible)),
+    )
+
+
+def _both_sides(
+    ev: Evaluator, tol: Tolerance, entries: np.ndarray, r: Refined, pos: np.ndarray, floor: float
+) -> np.ndarray:
+    """A kink entry whose analytic value is no one-sided derivative: check just off the kink.
+
+    Several kinks can coincide along one coordinate: a zero-initialised ReLU
+    layer puts every unit on its kink at once, and max-pool windows that
+    overlap can share a tie. The value a backward returns there is a
+    convention (``relu'(0) = 0``, the first argmax of each window) and can lie
+    outside the one-sided derivatives of the sum: any combination of the
+    units' one-sided choices is valid, and the sum hides the units. What can be
+    checked is the backward pass on either side: the analytic gradient a step
+    to the right must match the right derivative, and a step to the left the
+    left one. Two gradient evaluations per entry (``entries``: absolute indices;
+    ``pos``: their positions in ``r``).
+    """
+    problem = ev.problem
+    ok = np.zeros(entries.size, dtype=bool)
+    for j, (i, p) in enumerate(zip(entries.tolist(), pos.tolist(), strict=True)):
+        step = float(r.step[p]) / 2.0
+        sides = []
+        for sign, expected in ((1.0, r.right0[p]), (-1.0, r.left0[p])):
+            theta = problem.theta0.copy()
+            theta[i] = ev.representable(np.array([theta[i] + sign * step]))[0]
+            ev.charge(1)
+            g = np.asarray(problem.gradient(theta), dtype=np.float64)[i]
+            slack = floor + tol.rtol * abs(expected) + tol.safety * r.one_sided_noise[p]
+            sides.append(bool(abs(g - expected) <= slack))
+        ok[j] = all(sides)
+    return ok
 
 
 class _FullBlock:
@@ -152,75 +260,25 @@ class _FullBlock:
         lo: np.ndarray,
         hi: np.ndarray,
     ) -> np.ndarray:
-        tol, a = self.tol, self.a[chosen]
-        idx, h, ev, f0 = self.idx[chosen], self.h[chosen], self.ev, self.f0
-        r = refine_until_resolved(
-            lambda factor, sel: coordinate_differences(ev, idx[sel], h[sel] * factor, f0),
+        judged = judge_entries(
+            self.ev,
+            self.idx[chosen],
+            self.a[chosen],
+            self.h[chosen],
             subset(first, chosen),
-            tol,
-            wanted=floor + tol.rtol * np.abs(a),
+            self.f0,
+            self.tol,
+            floor,
         )
-        numeric[chosen] = r.numeric
-        error[chosen] = r.error
-        with np.errstate(invalid="ignore"):
-            gap = np.abs(r.right - r.left)
-            gap = np.where(np.isfinite(gap), gap, 0.0)
-            allow = floor + tol.rtol * np.abs(r.numeric) + tol.safety * r.error + tol.rtol * gap
-            ok = np.abs(a - r.numeric) <= allow
-            at_kink = ~ok & r.kink
-            slack = floor + tol.rtol * np.abs(a) + tol.safety * r.one_sided_noise
-            inside = (a >= r.lo - slack) & (a <= r.hi + slack)
-        allowed[chosen] = np.where(np.isfinite(allow), allow, np.inf)
-        kink[chosen] = at_kink
-        lo[chosen] = r.lo
-        hi[chosen] = r.hi
-        accepted = ok | (at_kink & inside)
-        outside = np.flatnonzero(at_kink & ~inside)
-        checked, unchecked = outside[:KINK_SIDE_CHECKS], outside[KINK_SIDE_CHECKS:]
-        if checked.size:
-            accepted[checked] = self._both_sides(chosen[checked], r, checked, floor)
-        if unchecked.size:  # beyond the budget: not verified, not blamed either
-            accepted[unchecked] = True
-            self.unverified_kinks += int(unchecked.size)
-        # a loss that did not change at all at any step cannot show a gradient whose effect
-        # over the largest step is below the resolution of values of magnitude max(|f|, 1)
-        resolution = tol.noise * tol.eps * max(abs(f0), 1.0)
-        invisible = ~accepted & r.flat & (np.abs(a) * REFINE_FACTORS[0] * h <= resolution)
-        accepted[invisible] = True
-        self.below_resolution += int(np.sum(invisible))
-        return accepted
-
-    def _both_sides(
-        self, entries: np.ndarray, r: Refined, pos: np.ndarray, floor: float
-    ) -> np.ndarray:
-        """A kink entry whose analytic value is no one-sided derivative: check just off the kink.
-
-        Several kinks can coincide along one coordinate: a zero-initialised ReLU
-        layer puts every unit on its kink at once, and max-pool windows that
-        overlap can share a tie. The value a backward returns there is a
-        convention (``relu'(0) = 0``, the first argmax of each window) and can lie
-        outside the one-sided derivatives of the sum: any combination of the
-        units' one-sided choices is valid, and the sum hides the units. What can be
-        checked is the backward pass on either side: the analytic gradient a step
-        to the right must match the right derivative, and a step to the left the
-        left one. Two gradient evaluations per entry.
-        """
-        tol, ev = self.tol, self.ev
-        problem = ev.problem
-        ok = np.zeros(entries.size, dtype=bool)
-        for j, (local, p) in enumerate(zip(entries.tolist(), pos.tolist(), strict=True)):
-            i = int(self.idx[local])
-            step = float(r.step[p]) / 2.0
-            sides = []
-            for sign, expected in ((1.0, r.right0[p]), (-1.0, r.left0[p])):
-                theta = problem.theta0.copy()
-                theta[i] = ev.representable(np.array([theta[i] + sign * step]))[0]
-                ev.charge(1)
-                g = np.asarray(problem.gradient(theta), dtype=np.float64)[i]
-                slack = floor + tol.rtol * abs(expected) + tol.safety * r.one_sided_noise[p]
-                sides.append(bool(abs(g - expected) <= slack))
-            ok[j] = all(sides)
-        return ok
+        numeric[chosen] = judged.numeric
+        error[chosen] = judged.error
+        allowed[chosen] = judged.allowed
+        kink[chosen] = judged.kink
+        lo[chosen] = judged.lo
+        hi[chosen] = judged.hi
+        self.unverified_kinks += judged.unverified_kinks
+        self.below_resolution += judged.below_resolution
+        return judged.ok
 
     def _decide_unrefined(
         self,

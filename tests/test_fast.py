@@ -252,9 +252,10 @@ def _entry_costs(monkeypatch):
 
 
 def test_a_wrong_entry_on_a_kink_gets_the_full_refinement(monkeypatch):
-    # |t| at t = 0: the one-sided derivatives are -1 and 1; a backward that says 2 is wrong,
-    # and the report shows it as a kink entry outside its one-sided derivatives, after the
-    # refinement over all eight steps
+    # |t| at t = 0: the one-sided derivatives are -1 and 1; a backward that says 2 is wrong
+    # (there and beside the kink), and the report shows it as a kink entry outside its
+    # one-sided derivatives, after the refinement over all eight steps (16 evaluations) and
+    # the backward on either side of the kink (2 more), as in full mode
     costs = _entry_costs(monkeypatch)
     rng = np.random.default_rng(3)
     t0 = rng.normal(size=64)
@@ -268,7 +269,7 @@ def test_a_wrong_entry_on_a_kink_gets_the_full_refinement(monkeypatch):
     report = check_flat(lambda t: float(np.sum(np.abs(t))), grad, t0, mode="fast")
     (entry,) = report.failed_blocks[0].worst
     assert entry.index == (17,) and entry.kink and entry.one_sided == pytest.approx((-1, 1))
-    assert costs == [16]
+    assert costs == [18]
 
 
 def _blocks_problem(sizes: list[int], wrong: dict[int, float]):
@@ -337,3 +338,31 @@ def test_windows_sized_from_the_noise_name_an_entry_in_fewer_evaluations(monkeyp
     fixed = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
     assert [e.index for e in fixed.block("w").worst] == [(123_457,)]
     assert report.evaluations + 4 <= fixed.evaluations, (report.evaluations, fixed.evaluations)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_zero_initialised_relu_layer_passes_judged_by_the_backward_beside_the_kink(
+    seed, monkeypatch
+):
+    # every unit of the layer sits on its kink, and a random direction moves them all across
+    # it at once: g . v (relu'(0) = 0 for every unit) can lie outside the one-sided
+    # directional derivatives. As full mode does per entry, the gradient just beside the
+    # kink, on either side, must then give the one-sided derivative (oracle: the reference
+    # MLP, whose backward is correct)
+    beside = []
+    original = gradcheck._fast._Line.beside
+
+    def spy(self, *args):
+        out = original(self, *args)
+        beside.append(out)
+        return out
+
+    monkeypatch.setattr(gradcheck._fast._Line, "beside", spy)
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+    mlp = MLP([3, 40, 2], activation="relu", seed=seed)
+    mlp.params["W0"][:] = 0.0
+    mlp.params["b0"][:] = 0.0
+    report = check_gradients(mlp, x, y, loss="mse", mode="fast")
+    assert report.passed, str(report)
+    assert beside and all(beside)
