@@ -200,6 +200,16 @@ def test_numpy_reference_mlp_passes(case: Case) -> None:
 
 
 @_examples(1.0)
+@given(case=mlp_cases())
+def test_numpy_reference_mlp_passes_in_fast_mode(case: Case) -> None:
+    # the defaults choose full mode at these sizes; fast mode must be as free of false
+    # alarms (its directions cross kinks, flat losses and round-off as entries do)
+    assume(starts_finite(case) and not saturated(case))
+    report = check_gradients(case.mlp, case.x, case.y, loss=case.loss, mode="fast")
+    assert report.passed, f"false alarm on {case}:\n{report}"
+
+
+@_examples(1.0)
 @given(case=mlp_cases(), bug=st.sampled_from(BUGS))
 def test_numpy_planted_bug_is_caught(case: Case, bug: str) -> None:
     assume(starts_finite(case) and not saturated(case))
