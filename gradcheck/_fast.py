@@ -30,6 +30,7 @@ checked like an entry in full mode.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -105,9 +106,13 @@ class _Line:
 
     def __init__(self, ev: Evaluator, g: np.ndarray, f0: float, tol: Tolerance) -> None:
         self.ev, self.g, self.f0, self.tol = ev, g, f0, tol
-        self.grad_scale = float(np.max(np.abs(g))) if g.size else 0.0
         self._positions: np.ndarray | None = None
         self._scratch: np.ndarray | None = None
+
+    @functools.cached_property
+    def grad_scale(self) -> float:
+        """The largest analytic gradient (what full mode's ``atol`` floor also counts)."""
+        return float(np.max(np.abs(self.g))) if self.g.size else 0.0
 
     def positions(self, span: slice) -> np.ndarray:
         """The indices ``span`` covers, as a view of one array made once per check."""
