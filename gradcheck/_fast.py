@@ -10,22 +10,26 @@ probability.
 
 A direction spans every block and is checked across all of them first: one
 difference (two evaluations) settles a correct model, whatever its size; one that
-disagrees is extrapolated over two steps (Richardson, two more). A direction that
-still disagrees is narrowed down to blocks (one by one up to `SCAN_BLOCKS`, by
-halving above); a block checked on its own is refined with the kink test before
-it fails, unless its disagreement is plainly smooth, in which case the wrong
-entry localisation names (itself refined) is what fails it. The blocks' verdicts
-are the check's.
+disagrees is extrapolated over two steps (Richardson, two more). Where that
+disagreement is plainly smooth, a single wrong entry is searched for across all
+the blocks at once (`_Probe.one_entry`): if the entry it leads to checks out as
+wrong and the direction without it agrees, its block fails and every other block
+passes. Otherwise the direction is narrowed down to blocks (one by one up to
+`SCAN_BLOCKS`, by halving above); a block checked on its own is refined, with the
+kink test and, at a kink, the backward beside it, before it fails, unless its
+disagreement is plainly smooth, in which case the wrong entry localisation names
+is what fails it. The blocks' verdicts are the check's.
 
 The tolerance is the estimated numerical error (times ``safety``), plus the
 round-off of the dot product, plus ``rtol`` times what one typical entry
 contributes to the directional derivative. It is never scaled by the size of the
 block. A failing block is searched for its wrong entries: the discrepancy is
 linear in the direction, so probing part of the support tells how much of it that
-part holds. A rank-weighted probe reads where a single wrong entry lies
-(`_Probe.pinpoint`, six bits for four evaluations), bisection takes over below 16
-entries or where several share the discrepancy, and each entry found is then
-checked like an entry in full mode.
+part holds. Residuals along rank-weighted directions read where a single wrong
+entry lies, to within what the measured noise allows (`_Probe.pinpoint`; at a
+million entries, three readings usually name it), bisection takes over for what
+they leave, and each entry found is then judged by full mode's own code
+(`gradcheck._check.judge_entries`).
 """
 
 from __future__ import annotations
@@ -665,11 +669,13 @@ def run_fast(
 
     Each random direction spans every block and is first checked across all of
     them: two evaluations when it agrees, two more to extrapolate. A direction
-    that still disagrees is narrowed down to blocks: up to `SCAN_BLOCKS` blocks
-    are checked one by one, more are halved (group testing: a half along which the
-    direction agrees passes as a whole). Each block checked on its own gets the
-    full refinement and kink test; those verdicts are the check's, and a failing
-    block is localised.
+    that still disagrees smoothly is explained, where it can be, by one wrong entry
+    searched for across the blocks at once (``at_once``). Otherwise it is narrowed
+    down to blocks: up to `SCAN_BLOCKS` blocks are checked one by one, more are
+    halved (group testing: a half along which the direction agrees passes as a
+    whole, and a half is again searched at once first). Each block checked on its
+    own gets the full refinement and kink test; those verdicts are the check's, and
+    a failing block is localised.
     """
     rng = np.random.default_rng([options.seed & 0xFFFFFFFF, 0xFA57])
     scale = _block_weights(problem, tol)
