@@ -15,12 +15,14 @@ On a tanh MLP (MSE, batch 64, float64), in one run, for torch and jax:
 
 Run: python benchmarks/scale.py [--sizes 1e3,1e4,1e5,1e6] [--plantings 20] [--frameworks torch,jax]
 Prints medians and ratios; absolute times on shared machines are noisy, so every timed
-call of ours or of the anchors' fast mode is divided by T_fb measured just before it.
+call of ours or of the anchors' fast mode is divided by T_fb measured just before it, and
+starts after a garbage collection.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import statistics
 import time
@@ -272,6 +274,11 @@ def jax_setup(sizes: list[int], seed: int) -> dict[str, Any]:
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Wall time of one call of ``fn``, and its result. Garbage left by earlier calls is
+    collected first: a collection of the whole heap (tens of ms with torch and jax loaded)
+    otherwise falls, by the rhythm of allocations, on the same one of the modes timed in turn.
+    """
+    gc.collect()
     start = time.perf_counter()
     out = fn()
     return time.perf_counter() - start, out
