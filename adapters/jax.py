@@ -597,7 +597,9 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
         return of_parts(split(theta))
 
     def device_parts(theta: np.ndarray) -> list[jax.Array]:
-        return [jax.device_put(part) for part in split(np.asarray(theta, dtype=np.float64))]
+        # one transfer call for every block (jax.device_put of a list)
+        parts: list[jax.Array] = jax.device_put(split(np.asarray(theta, dtype=np.float64)))
+        return parts
 
     avals = [jax.ShapeDtypeStruct(shape, jnp.float64) for *_, shape in placements]
     try:

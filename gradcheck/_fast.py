@@ -462,7 +462,7 @@ class _Probe:
         found: list[Entry] = []
         named: list[int] = []  # their absolute indices
         remaining = self.members
-        if remaining.size <= SCAN_BELOW:  # cheaper and surer to check every entry
+        if remaining.size <= SCAN_BELOW:  # few enough to check every entry
             for k in remaining.tolist():
                 entry, bad = self.entry(k)
                 if bad:
@@ -493,17 +493,23 @@ class _Probe:
 
         The search gives up as soon as the discrepancy does not behave as one entry's
         (a window that fails to hold it, an entry that checks out), and the direction
-        without the entry found must agree.
+        without the entry found must agree: ``failed``'s residual less the entry's own
+        (its refined difference times ``v[i]``) must be within ``failed``'s tolerance,
+        widened by the entry's error.
         """
         self.shrink = failed.shrink
         narrowed = self.narrow(v, self.members, failed.residual, failed.noise, strict=True)
         if narrowed is None:
             return None
-        i, d = narrowed
+        i, _ = narrowed
         entry, bad = self.entry(i)
         if not bad:
             return None
-        if not self.check_without(v, [i], refine=False).passed:
+        # the rest of the direction: its residual is the direction's less the entry's (the
+        # derivative is linear in the direction), both measured, so no evaluation is needed
+        d = (entry.analytic - entry.numeric) * float(v[i])
+        rest = failed.residual - d
+        if not abs(rest) <= failed.allowed + self.tol.safety * abs(float(v[i])) * entry.error:
             return None
         return entry, i, d
 
