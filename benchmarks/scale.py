@@ -34,6 +34,7 @@ import numpy as np
 from gradcheck import check_gradients
 
 BATCH = 64
+SETTLE = 0.15  # seconds of forward+backward calls before T_fb is measured (in_tfb)
 
 
 def widths(p: float) -> list[int]:
@@ -286,9 +287,15 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def in_tfb(env: dict[str, Any], fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """Median over ``repeats`` calls of ``fn``'s wall time in T_fb, each call against T_fb
-    measured just before it (the machine's load drifts); with ``fn``'s last result."""
+    measured just before it (the machine's load drifts); with ``fn``'s last result.
+
+    T_fb is measured only after ``SETTLE`` seconds of forward+backward calls: after a check
+    of ours, a jitted JAX forward+backward runs up to twice as slow for its next ten or so
+    calls (torch's does not), and a unit measured in that window flattered every ratio.
+    """
     ratios, out = [], None
     for _ in range(repeats):
+        median_time(env["fb"], repeat=1, min_time=SETTLE)
         local_fb = median_time(env["fb"], repeat=3)
         dt, out = timed(fn)
         ratios.append(dt / local_fb)
