@@ -304,6 +304,39 @@ def test_torch_gradcheck_misses_a_wrong_weight_gradient_that_we_catch() -> None:
     assert failed(report) == ["input[1]"]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_auto_mode_on_a_large_module_with_relu_dropout_and_layer_norm(seed: int) -> None:
+    # Above 20,000 parameters auto mode probes directions (fast mode). A module as users write
+    # them, ReLU kinks, dropout in train mode and a layer norm: the correct one passes, and one
+    # wrong entry in its custom layer's weight gradient is caught and named in its block.
+    # Oracle: the planted index, and numeric / analytic = 1 / 1.01 on it.
+    def module(bug: str) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            FnLinear(64, 256, bug),
+            nn.ReLU(),
+            nn.Dropout(0.1),
+            nn.LayerNorm(256, dtype=f64),
+            nn.Linear(256, 64, dtype=f64),
+            nn.ReLU(),
+            nn.Linear(64, 10, dtype=f64),
+        )
+
+    x = torch.randn(16, 64, dtype=f64, generator=torch.Generator().manual_seed(seed))
+    y = torch.arange(16) % 10
+    correct = module("none")
+    assert sum(p.numel() for p in correct.parameters()) > 20_000
+    report = check_gradients(correct, x, y, loss="cross_entropy", seed=seed)
+    assert report.mode == "fast" and report.passed, str(report)
+    assert correct.training  # the module is left as it was given
+
+    buggy = check_gradients(module("one_entry"), x, y, loss="cross_entropy", seed=seed)
+    assert failed(buggy) == ["0.weight"], str(buggy)
+    (entry,) = buggy.block("0.weight").worst
+    assert entry.index == (1, 2)
+    assert entry.analytic == pytest.approx(1.01 * entry.numeric, rel=1e-6)
+
+
 # ------------------------------------------------------------------ correct modules pass
 def relu_net_at_kinks() -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(3)
