@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +15,9 @@ from ._numerics import (
     BudgetExhausted,
     Differences,
     Evaluator,
+    NotDeterministic,
     Refined,
+    StartingPoint,
     base_steps,
     coordinate_differences,
     refine_until_resolved,
@@ -35,7 +36,7 @@ AUTO_FULL_LIMIT = 20_000
 
 
 def _analytic(problem: FlatProblem) -> np.ndarray:
-    g = np.asarray(problem.gradient(problem.theta0.copy()), dtype=np.float64)
+    g = np.asarray(problem.gradient(problem.theta0), dtype=np.float64)
     if g.shape != problem.theta0.shape:
         raise ShapeMismatchError(
             f"the analytic gradient has shape {g.shape}; expected {problem.theta0.shape}"
@@ -62,7 +63,7 @@ def _choose_mode(mode: Mode, size: int) -> tuple[str, str]:
 def _expected_evaluations(mode: str, size: int) -> int:
     """What a passing check costs, in loss evaluations: full mode two per entry (plus the
     starting point twice), fast mode one central difference (a failure costs more)."""
-    return 2 * size + 2 if mode == "full" else 4
+    return 2 * size + 2 if mode == "full" else 2
 
 
 @dataclass
@@ -395,6 +396,41 @@ def _unchecked(block: Block, why: str) -> BlockResult:
     )
 
 
+def _run_full(
+    problem: FlatProblem,
+    ev: Evaluator,
+    g: np.ndarray,
+    f0: float,
+    tol: Tolerance,
+    options: CheckOptions,
+    numeric_all: np.ndarray,
+) -> tuple[list[BlockResult], str | None]:
+    """Full mode, block by block (each block's numerical gradient into ``numeric_all``):
+    the block results, and why the blocks after some were not checked (the budget)."""
+    blocks: list[BlockResult] = []
+    issue: str | None = None
+    h = base_steps(problem.theta0, tol)
+    grad_scale = float(np.max(np.abs(g))) if g.size else 0.0
+    for block in problem.blocks:
+        if issue is not None:
+            blocks.append(_unchecked(block, "not checked: the evaluation budget ran out"))
+            continue
+        try:
+            result, numeric = _FullBlock(
+                ev, block, g, h, f0, tol, grad_scale, options.max_refine
+            ).run()
+        except BudgetExhausted:
+            issue = (
+                f"the evaluation budget ran out (max_evals={options.max_evals:,}) "
+                f"before `{block.name}` was checked"
+            )
+            blocks.append(_unchecked(block, "not checked: the evaluation budget ran out"))
+            continue
+        numeric_all[block.slice] = numeric
+        blocks.append(result)
+    return blocks, issue
+
+
 def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
     """Check ``problem``'s analytic gradient; the whole of the core in one call."""
     start = time.perf_counter()
@@ -406,51 +442,32 @@ def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
     warnings = list(problem.notes)
     g = _analytic(problem)
     ev.charge(1)
-    f0 = ev.point(problem.theta0)
-    if not math.isfinite(f0):
-        raise NonFiniteError(f"the loss is not finite at the starting point: {f0}")
+    at0 = StartingPoint(ev)  # the loss at theta0, evaluated (twice) when first needed
     blocks: list[BlockResult] = []
     numeric_all: np.ndarray | None = None
     issue: str | None = None
-    f0_again = ev.point(problem.theta0)
-    if f0_again != f0:
+    try:
+        if mode == "full":
+            numeric_all = np.full(problem.size, np.nan)
+            blocks, issue = _run_full(problem, ev, g, at0.value, tol, options, numeric_all)
+        else:
+            from ._fast import run_fast
+
+            blocks, fast_warnings = run_fast(problem, ev, g, at0, tol, options)
+            warnings.extend(fast_warnings)
+    except NotDeterministic as exc:
         issue = (
-            f"the loss is not deterministic: two evaluations at the same point gave {f0!r} and "
-            f"{f0_again!r} (reset or fix the randomness in the forward pass)"
+            f"the loss is not deterministic: two evaluations at the same point gave "
+            f"{exc.first!r} and {exc.second!r} (reset or fix the randomness in the forward pass)"
         )
         blocks = [_unchecked(b, "not checked: non-deterministic loss") for b in problem.blocks]
-    elif mode == "full":
-        numeric_all = np.full(problem.size, np.nan)
-        h = base_steps(problem.theta0, tol)
-        grad_scale = float(np.max(np.abs(g))) if g.size else 0.0
-        for block in problem.blocks:
-            if issue is not None:
-                blocks.append(_unchecked(block, "not checked: the evaluation budget ran out"))
-                continue
-            try:
-                result, numeric = _FullBlock(
-                    ev, block, g, h, f0, tol, grad_scale, options.max_refine
-                ).run()
-            except BudgetExhausted:
-                issue = (
-                    f"the evaluation budget ran out (max_evals={options.max_evals:,}) "
-                    f"before `{block.name}` was checked"
-                )
-                blocks.append(_unchecked(block, "not checked: the evaluation budget ran out"))
-                continue
-            numeric_all[block.slice] = numeric
-            blocks.append(result)
-    else:
-        from ._fast import run_fast
-
-        try:
-            blocks, fast_warnings = run_fast(problem, ev, g, f0, tol, options)
-            warnings.extend(fast_warnings)
-        except BudgetExhausted:
-            issue = f"the evaluation budget ran out (max_evals={options.max_evals:,})"
-            blocks = [
-                _unchecked(b, "not checked: the evaluation budget ran out") for b in problem.blocks
-            ]
+        numeric_all = None
+    except BudgetExhausted:
+        issue = f"the evaluation budget ran out (max_evals={options.max_evals:,})"
+        blocks = [
+            _unchecked(b, "not checked: the evaluation budget ran out") for b in problem.blocks
+        ]
+        numeric_all = None
     return Report(
         blocks=tuple(blocks),
         mode=mode,
@@ -507,7 +524,8 @@ def check_flat(
     ):
         raise ShapeMismatchError(f"theta0 must be a real array; got dtype {start.dtype}")
     shape = start.shape
-    flat0 = start.astype(np.float64).reshape(-1)
+    flat0 = start.reshape(-1).astype(np.float64)  # a fresh copy, which the problem keeps
+    flat0.setflags(write=False)
 
     def flat_loss(theta: np.ndarray) -> float:
         value = loss(_read_only(theta.reshape(shape)))

@@ -47,8 +47,11 @@ from ._numerics import (
     Differences,
     Evaluator,
     Refined,
+    StartingPoint,
     Support,
+    central_roundoff,
     coordinate_differences,
+    line_data,
     line_differences,
     refine_until_resolved,
     shrink_until_finite,
@@ -68,6 +71,9 @@ PINPOINT_SHRINK = 64
 #: a window is drawn this many times wider than the estimated error of the rank it is
 #: centred on
 PINPOINT_MARGIN = 4.0
+#: entries per piece where an O(P) computation is done piecewise (no O(P) temporaries:
+#: a fresh array of a million entries costs milliseconds of page faults)
+CHUNK = 1 << 16
 #: a direction that fails across this many blocks or fewer is checked on each block;
 #: across more, the blocks are halved until groups this small remain
 SCAN_BLOCKS = 8
@@ -108,10 +114,15 @@ class _Line:
     slice or an index array), so that the work per evaluation is O(support).
     """
 
-    def __init__(self, ev: Evaluator, g: np.ndarray, f0: float, tol: Tolerance) -> None:
-        self.ev, self.g, self.f0, self.tol = ev, g, f0, tol
+    def __init__(self, ev: Evaluator, g: np.ndarray, start: StartingPoint, tol: Tolerance) -> None:
+        self.ev, self.g, self.start, self.tol = ev, g, start, tol
         self._positions: np.ndarray | None = None
         self._scratch: np.ndarray | None = None
+
+    @property
+    def f0(self) -> float:
+        """The loss at ``theta0``: evaluated (twice, see `StartingPoint`) when first asked for."""
+        return self.start.value
 
     @functools.cached_property
     def grad_scale(self) -> float:
@@ -134,17 +145,26 @@ class _Line:
     def differences(self, v: np.ndarray, support: Support, s: float) -> Differences:
         return line_differences(self.ev, v, s, self.f0, support)
 
-    def first(self, v: np.ndarray, support: Support, s: float) -> tuple[Differences, float]:
-        """Central-difference data with step ``s``, and the step used.
+    def ends(self, v: np.ndarray, support: Support, s: float) -> tuple[float, float, float]:
+        """``f(theta0 + s v)``, ``f(theta0 - s v)`` and the step ``s`` used.
 
-        A step that leaves the loss's domain is retried 10x smaller, a few times.
+        A step that leaves the loss's domain is retried 10x smaller, a few times, once
+        the loss is known to be finite at ``theta0`` itself (a loss that is not is an
+        error, not a domain to stay in).
         """
         for _ in range(6):
-            big = self.differences(v, support, s)
-            if np.isfinite(big.fp[0]) and np.isfinite(big.fm[0]):
+            fp, fm = self.ev.along(v, np.array([s, -s]), support)
+            if math.isfinite(fp) and math.isfinite(fm):
                 break
+            self.start.value  # noqa: B018 (raises if the loss is not finite at theta0)
             s /= 10.0
-        return big, s
+        return float(fp), float(fm), s
+
+    def first(self, v: np.ndarray, support: Support, s: float) -> tuple[Differences, float]:
+        """Central-difference data with step ``s`` (retried smaller, see `ends`), and the
+        step used."""
+        fp, fm, s = self.ends(v, support, s)
+        return line_data(self.f0, fp, fm, s), s
 
     def richardson2(
         self, v: np.ndarray, support: Support, big: Differences, s: float
@@ -165,11 +185,15 @@ class _Line:
         """What a direction is allowed beyond ``safety`` x its error: round-off of the dot
         product + rtol x one entry's typical share."""
         tol = self.tol
-        terms = self.g[support] * v[support]
-        l2 = float(np.sqrt(np.dot(terms, terms)))
-        np.abs(terms, out=terms)
-        typical = l2 / math.sqrt(max(count, 1))
-        return tol.noise * tol.eps * float(np.sum(terms)) + tol.rtol * typical
+        g, w = self.g[support], v[support]
+        squares = magnitude = 0.0
+        for start in range(0, g.size, CHUNK):  # temporaries of a chunk, not of P entries
+            terms = g[start : start + CHUNK] * w[start : start + CHUNK]
+            squares += float(np.dot(terms, terms))
+            np.abs(terms, out=terms)
+            magnitude += float(np.sum(terms))
+        typical = math.sqrt(squares) / math.sqrt(max(count, 1))
+        return tol.noise * tol.eps * magnitude + tol.rtol * typical
 
     def check(
         self,
@@ -192,7 +216,7 @@ class _Line:
         """
         tol, g = self.tol, self.g
         analytic = float(np.dot(g[support], v[support]))
-        first, step = self.first(v, support, tol.step)
+        fp, fm, step = self.ends(v, support, tol.step)
 
         noise = (math.inf, math.inf)
         dot_slack = self.slack(v, support, count)
@@ -202,6 +226,12 @@ class _Line:
             ok = abs(analytic - numeric) <= allowed if passed is None else passed
             return _Verdict(ok, analytic, numeric, error, allowed, step / tol.step, noise=noise)
 
+        # a direction that agrees is settled by the two values alone, without f(theta0)
+        level = max(abs(fp), abs(fm))
+        result = verdict((fp - fm) / (2.0 * step), float(central_roundoff(tol, level, 2.0 * step)))
+        if result.passed:
+            return result
+        first = line_data(self.f0, fp, fm, step)  # the starting point, and so the determinism check
         roundoff = float(first.roundoff(tol)[0])
         result = verdict(float(first.central[0]), roundoff)
         if result.passed:
@@ -268,11 +298,15 @@ class _Probe:
 
     def __init__(self, line: _Line, blocks: list[Block]) -> None:
         self.line, self.blocks = line, blocks
-        self.ev, self.g, self.f0, self.tol = line.ev, line.g, line.f0, line.tol
+        self.ev, self.g, self.tol = line.ev, line.g, line.tol
         self.span = _span(blocks)
         self.members = line.positions(self.span)
         self.shrink = 1.0  # of the failing direction being localised (see `_Verdict`)
         self._first: dict[int, tuple[Differences, np.ndarray]] = {}  # see `first_pass`
+
+    @property
+    def f0(self) -> float:
+        return self.line.f0
 
     def block_of(self, i: int) -> Block:
         """The block holding entry ``i`` (absolute index)."""
@@ -639,22 +673,27 @@ def _block_weights(problem: FlatProblem, tol: Tolerance) -> np.ndarray:
     own resolution, not at that of the largest block. In float32 the factor is 1:
     rounding the perturbed point to float32 would swamp smaller moves.
     """
-    weights = np.maximum(np.abs(problem.theta0), 1.0)
+    weights = np.abs(problem.theta0)
+    np.maximum(weights, 1.0, out=weights)
     if tol.eps <= 1e-12:
         for b in problem.blocks:
             weights[b.slice] *= max(b.size, 1) ** (-1.0 / 3.0)
     return weights
 
 
-def _direction(rng: np.random.Generator, scale: np.ndarray) -> np.ndarray:
-    """Entries ``±(1 + u) * scale_i``, ``u`` uniform in [0, 1), independent signs."""
-    u = rng.random(scale.size, dtype=np.float32)
-    u -= np.float32(0.5)  # exact; sign and magnitude from one draw: |2u| is uniform in [0, 1)
-    v = np.abs(u, dtype=np.float64)
-    v *= 2.0
-    v += 1.0
-    np.copysign(v, u, out=v)
-    v *= scale
+def _direction(rng: np.random.Generator, problem: FlatProblem, tol: Tolerance) -> np.ndarray:
+    """Entries ``±(1 + u) * w_i``, ``u`` uniform in [0, 1), independent signs, ``w`` the
+    `_block_weights` (made again for each direction: one O(P) array fewer to keep)."""
+    v = _block_weights(problem, tol)
+    for start in range(0, v.size, CHUNK):  # temporaries of a chunk, not of P entries
+        part = v[start : start + CHUNK]
+        u = rng.random(part.size, dtype=np.float32)
+        u -= np.float32(0.5)  # exact; sign and magnitude from one draw: |2u| is uniform in [0, 1)
+        factor = np.abs(u, dtype=np.float64)
+        factor *= 2.0
+        factor += 1.0
+        np.copysign(factor, u, out=factor)
+        part *= factor
     return v
 
 
@@ -667,7 +706,7 @@ def run_fast(
     problem: FlatProblem,
     ev: Evaluator,
     g: np.ndarray,
-    f0: float,
+    start: StartingPoint,
     tol: Tolerance,
     options: CheckOptions,
 ) -> tuple[list[BlockResult], list[str]]:
@@ -684,8 +723,7 @@ def run_fast(
     a failing block is localised.
     """
     rng = np.random.default_rng([options.seed & 0xFFFFFFFF, 0xFA57])
-    scale = _block_weights(problem, tol)
-    line = _Line(ev, g, f0, tol)
+    line = _Line(ev, g, start, tol)
     probes = options.probes
     results: dict[int, BlockResult] = {}  # by id() of the block
 
@@ -743,7 +781,7 @@ def run_fast(
     blocks = list(problem.blocks)
     failing = []  # only directions that fail are kept (O(P) each)
     for _ in range(probes):
-        failing += screen(blocks, [_direction(rng, scale)])
+        failing += screen(blocks, [_direction(rng, problem, tol)])
     settle(blocks, failing)
     warnings = []
     if any(r.mismatches for r in results.values()):

@@ -6,11 +6,14 @@ Framework-free. Everything here works on arrays of loss values that the
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from ._errors import NonFiniteError
 from ._options import Tolerance
 from ._problem import FlatProblem
 
@@ -29,6 +32,14 @@ Support = slice | np.ndarray
 
 class BudgetExhausted(Exception):
     """Raised inside the checker when ``max_evals`` would be exceeded."""
+
+
+class NotDeterministic(Exception):
+    """Raised inside the checker when two evaluations at the starting point differ."""
+
+    def __init__(self, first: float, second: float) -> None:
+        super().__init__(first, second)
+        self.first, self.second = first, second
 
 
 class Evaluator:
@@ -128,6 +139,35 @@ class Evaluator:
         return out
 
 
+class StartingPoint:
+    """The loss at ``theta0``, evaluated when a verdict first needs it.
+
+    It is evaluated twice: a forward pass that is still random gives two different
+    values, and the check must stop as inconclusive rather than blame the noise on
+    the gradient (`NotDeterministic`). Full mode needs the value for every entry and
+    asks at once; fast mode settles a direction that agrees from ``f(theta0 ± s v)``
+    alone, and asks only before it judges one that does not (so that no failing
+    verdict is ever reached without the determinism check).
+    """
+
+    def __init__(self, ev: Evaluator) -> None:
+        self.ev = ev
+        self._value: float | None = None
+
+    @property
+    def value(self) -> float:
+        if self._value is None:
+            theta0 = self.ev.theta0
+            f0 = self.ev.point(theta0)
+            if not math.isfinite(f0):
+                raise NonFiniteError(f"the loss is not finite at the starting point: {f0}")
+            again = self.ev.point(theta0)
+            if again != f0:
+                raise NotDeterministic(f0, again)
+            self._value = f0
+        return self._value
+
+
 def base_steps(theta: np.ndarray, tol: Tolerance) -> np.ndarray:
     """The first-pass step of every entry: ``tol.step * max(|theta_i|, 1)``.
 
@@ -169,7 +209,12 @@ class Differences:
         """Estimated round-off error of the central difference."""
         with np.errstate(invalid="ignore", over="ignore"):
             level = np.maximum(np.maximum(np.abs(self.fp), np.abs(self.fm)), abs(self.f0))
-            return tol.noise * tol.eps * level * 2.0 / (self.hp + self.hm)
+            return central_roundoff(tol, level, self.hp + self.hm)
+
+
+def central_roundoff(tol: Tolerance, level: Any, width: Any) -> Any:
+    """Round-off error of ``(fp - fm) / width`` for loss values of magnitude up to ``level``."""
+    return tol.noise * tol.eps * level * 2.0 / width
 
 
 def coordinate_differences(ev: Evaluator, idx: np.ndarray, h: np.ndarray, f0: float) -> Differences:
@@ -413,5 +458,10 @@ def line_differences(
     ``support``: where ``direction`` is nonzero, if known (see `Evaluator.along`).
     """
     fp, fm = ev.along(direction, np.array([s, -s]), support)
+    return line_data(f0, float(fp), float(fm), s)
+
+
+def line_data(f0: float, fp: float, fm: float, s: float) -> Differences:
+    """The central-difference data of one direction: ``f0`` and ``f(theta0 ± s v)``."""
     one = np.ones(1)
     return Differences(f0=f0, fp=np.array([fp]), fm=np.array([fm]), hp=s * one, hm=s * one)

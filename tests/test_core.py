@@ -338,6 +338,18 @@ def test_evaluation_budget_fails_the_check_and_says_so():
     assert "max_evals=20" in (report.problem or "")
 
 
+@pytest.mark.parametrize("mode", ["full", "fast"])
+@pytest.mark.parametrize("budget", [1, 2])
+def test_a_budget_spent_before_the_first_difference_is_reported_not_raised(mode, budget):
+    # the gradient costs one evaluation, the starting point two: a budget that ends there
+    # still gives a report that fails and says why
+    grad = lambda t: 3 * t**2 * (1.0 if mode == "full" else 1.1)  # noqa: E731
+    report = check_flat(cubic, grad, np.arange(5.0), mode=mode, max_evals=budget)
+    assert not report.passed
+    assert f"max_evals={budget}" in (report.problem or "")
+    assert all(b.checked == 0 for b in report.blocks)
+
+
 def test_float32_parameters_are_checked_on_a_float64_copy():
     layer = Linear(3, 2)
     layer.params = {k: v.astype(np.float32) for k, v in layer.params.items()}
@@ -472,14 +484,14 @@ def test_points_differ_from_theta0_only_where_perturbed_and_are_read_only(mode, 
     report = check_flat(f, np.cos, t0, mode=mode, loss_batch=f_batch if batched else None, seed=2)
     assert report.passed
     changed = [int(np.sum(p != t0)) for p in seen]
-    assert changed.count(0) >= 2  # theta0 itself, twice (the determinism check)
     if mode == "full":
+        assert changed.count(0) == 2  # theta0 itself, twice (the determinism check)
         assert set(changed) == {0, 1}
         assert sorted(np.flatnonzero(p != t0)[0] for p in seen if np.any(p != t0)) == sorted(
             list(range(12)) * 2
         )
-    else:  # one direction across the whole vector
-        assert set(changed) == {0, 12}
+    else:  # one direction across the whole vector, which agrees: theta0 is never needed
+        assert changed == [12, 12]
 
 
 def test_a_loss_that_writes_into_its_argument_gets_a_clear_error():
@@ -491,7 +503,7 @@ def test_a_loss_that_writes_into_its_argument_gets_a_clear_error():
         check_flat(f, lambda t: 2 * t, np.ones(3))
 
 
-@pytest.mark.parametrize("mode, expected", [("full", 2 * 30 + 2), ("fast", 4)])
+@pytest.mark.parametrize("mode, expected", [("full", 2 * 30 + 2), ("fast", 2)])
 def test_prepare_is_asked_once_before_any_evaluation_and_its_problem_is_checked(mode, expected):
     # an adapter with a one-off cost (JAX compiles) hands over a prepared problem; the core
     # evaluates only that one, and tells the adapter how many evaluations a pass costs
