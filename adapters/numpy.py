@@ -238,7 +238,8 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
             (inputs.values[checked_inputs[b.name]] if b.kind == "input" else params[b.name]).ravel()
             for b in blocks
         ]
-    ).astype(np.float64)
+    ).astype(np.float64, copy=False)
+    theta0.setflags(write=False)  # the problem keeps it as it is (no second copy)
 
     rngs = list(_find_rngs(work))
     rng_states = [_rng_state(r) for r in rngs]

@@ -411,6 +411,7 @@ class _Evaluator:
         self.theta0 = np.concatenate(
             [t.detach().to("cpu", torch.float64).reshape(-1).numpy() for _, t, _ in checked]
         )
+        self.theta0.setflags(write=False)  # the problem keeps it as it is (no second copy)
         self.constants = {f"model.{k}": v for k, v in constants.items()}
         self.scope = _Scope(module) if module is not None else None
         # the working vector whose views stand in for the checked tensors

@@ -53,10 +53,13 @@ class FlatProblem:
     """A scalar loss of a flat float64 vector, with its analytical gradient.
 
     Attributes:
-        theta0: the point to check at, float64, 1-D (the core never writes into it).
+        theta0: the point to check at, float64, 1-D. The problem keeps a read-only
+            copy, or takes the array itself when it is already float64, 1-D, contiguous,
+            read-only and owns its memory (an adapter's fresh vector: no O(P) copy).
         loss: ``loss(theta) -> float``, the model's loss with ``theta`` substituted.
         gradient: ``gradient(theta) -> ndarray``, the model's own (analytical)
-            gradient, float64, same layout as ``theta``.
+            gradient, float64, same layout as ``theta``. Both receive read-only
+            arrays (``theta0`` itself, or the checker's reused buffers).
         blocks: the named slices of ``theta``; they must tile it exactly, in order.
         loss_batch: optional ``loss_batch(thetas) -> ndarray`` evaluating the
             loss at every row of a ``(k, P)`` array in one call (vmap). The core
@@ -98,8 +101,10 @@ class FlatProblem:
             raise GradcheckInputError(
                 f"theta0 must be real floating point; got dtype {theta.dtype}"
             )
-        self.theta0 = np.array(theta, dtype=np.float64, copy=True)
-        self.theta0.setflags(write=False)
+        if not _owned_read_only(theta):
+            theta = np.array(theta, dtype=np.float64, copy=True)
+            theta.setflags(write=False)
+        self.theta0 = theta
         self.blocks = tuple(self.blocks)
         if not self.blocks:
             raise NothingToCheckError("nothing to check: the problem has no blocks")
@@ -121,6 +126,17 @@ class FlatProblem:
     @property
     def size(self) -> int:
         return int(self.theta0.size)
+
+
+def _owned_read_only(theta: np.ndarray) -> bool:
+    """Whether ``theta`` can be kept as it is: a float64 contiguous vector that nobody can
+    write through (read-only, and no other array's view)."""
+    return (
+        theta.dtype == np.float64
+        and theta.base is None
+        and theta.flags.c_contiguous
+        and not theta.flags.writeable
+    )
 
 
 def output_projection(shape: tuple[int, ...], seed: int, index: int = 0) -> np.ndarray:
