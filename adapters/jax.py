@@ -52,6 +52,7 @@ The adapter does no numerics of its own: it only evaluates.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -79,9 +80,9 @@ from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, 
 __all__ = ["build_problem", "matches"]
 
 try:  # public in jax.extend.core in recent jax; jax.core before
-    from jax.extend.core import jaxpr_as_fun
+    from jax.extend.core import Literal as JaxLiteral
 except ImportError:  # pragma: no cover - older jax
-    from jax.core import jaxpr_as_fun  # type: ignore[attr-defined,no-redef]
+    from jax.core import Literal as JaxLiteral  # type: ignore[attr-defined,no-redef]
 
 #: A check expecting at least this many loss evaluations gets a compiled, vmapped loss;
 #: fewer run eagerly (a compile costs a few hundred ms, an eager evaluation about a millisecond).
@@ -470,6 +471,133 @@ def _max_batch(jaxpr: Any, size: int) -> int:
     return 1 << (rows.bit_length() - 1)  # a power of two: one compiled batch shape
 
 
+# --------------------------------------------------------------------------- op by op
+@dataclass(frozen=True)
+class _Transposed:
+    """``transpose(value, perm)``, not computed yet: a ``dot_general`` can read ``value``
+    with its dimensions renumbered instead (XLA runs each eager op on its own, so the
+    transpose would otherwise copy the whole array first)."""
+
+    value: Any
+    perm: tuple[int, ...]
+    eqn: Any  # the transpose equation (its primitive and parameters)
+
+    def force(self) -> Any:
+        params = {**self.eqn.primitive.get_bind_params(self.eqn.params), "permutation": self.perm}
+        return self.eqn.primitive.bind(self.value, **params)
+
+
+def _fold(dims: Any, side: int, perm: tuple[int, ...]) -> Any:
+    """``dot_general``'s dimension numbers with operand ``side`` read through ``perm``, or
+    None where the result's layout would change (its free dimensions must keep their order).
+    """
+    (lc, rc), (lb, rb) = dims
+    contract, batch = (lc, lb) if side == 0 else (rc, rb)
+    free = [d for d in range(len(perm)) if d not in contract and d not in batch]
+    moved = [perm[d] for d in free]
+    if moved != sorted(moved):
+        return None
+    contract = tuple(perm[d] for d in contract)
+    batch = tuple(perm[d] for d in batch)
+    return ((contract, rc), (batch, rb)) if side == 0 else ((lc, contract), (lb, batch))
+
+
+def _bind(eqn: Any, args: Sequence[Any], params: dict[str, Any]) -> Any:
+    """``eqn``'s primitive applied to ``args``, in the equation's context (as jax does)."""
+    ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
+    with ctx if ctx is not None else contextlib.nullcontext():
+        return eqn.primitive.bind(*args, **params)
+
+
+class _OpByOp:
+    """A closed jaxpr evaluated one equation at a time, as ``jaxpr_as_fun`` does, with two
+    shortcuts that keep XLA from materialising arrays an eager op would copy:
+
+    - a ``transpose`` read only by ``dot_general`` becomes a renumbering of the dot's
+      dimensions, and transposes of transposes compose (an identity vanishes);
+    - the primal computation inside ``custom_vjp_call`` / ``custom_jvp_call`` is evaluated
+      in line (what those primitives compute outside of differentiation), so the same
+      shortcut applies in a user's custom layer.
+
+    Each value is dropped after its last use. Everything else is bound as it is.
+    """
+
+    INLINE = ("custom_vjp_call", "custom_jvp_call")
+
+    def __init__(self, closed: Any) -> None:
+        self.closed = closed
+        self._dead: dict[int, tuple[Any, list[list[Any]]]] = {}
+
+    def __call__(self, *args: Any) -> list[Any]:
+        return self._run(self.closed.jaxpr, self.closed.consts, args)
+
+    def _dead_after(self, jaxpr: Any) -> list[list[Any]]:
+        """For each equation, the variables no later equation or output reads."""
+        key = id(jaxpr)
+        if key not in self._dead:  # (the jaxpr is kept with it, so the id stays its own)
+            last: dict[Any, int] = {}
+            for k, eqn in enumerate(jaxpr.eqns):
+                for var in (*eqn.invars, *eqn.outvars):
+                    if not isinstance(var, JaxLiteral):
+                        last[var] = k
+            for var in jaxpr.outvars:
+                last.pop(var, None)
+            dead: list[list[Any]] = [[] for _ in jaxpr.eqns]
+            for var, k in last.items():
+                dead[k].append(var)
+            self._dead[key] = (jaxpr, dead)
+        return self._dead[key][1]
+
+    def _run(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+        env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts, strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
+
+        def read(var: Any) -> Any:
+            return var.val if isinstance(var, JaxLiteral) else env[var]
+
+        def value(var: Any) -> Any:
+            """The variable's array, a pending transpose computed (once: it is kept)."""
+            x = read(var)
+            if isinstance(x, _Transposed):
+                x = env[var] = x.force()
+            return x
+
+        for eqn, dead in zip(jaxpr.eqns, self._dead_after(jaxpr), strict=True):
+            name = eqn.primitive.name
+            call = eqn.params.get("call_jaxpr") if name in self.INLINE else None
+            if name == "transpose":
+                x, perm = read(eqn.invars[0]), tuple(eqn.params["permutation"])
+                if isinstance(x, _Transposed):  # compose: out[d] = in[perm[d]]
+                    x, perm = x.value, tuple(x.perm[d] for d in perm)
+                outs: Any = [x if perm == tuple(range(len(perm))) else _Transposed(x, perm, eqn)]
+            elif name == "dot_general" and any(
+                isinstance(read(var), _Transposed) for var in eqn.invars[:2]
+            ):
+                params = eqn.primitive.get_bind_params(eqn.params)
+                dims = params["dimension_numbers"]
+                operands = []
+                for side, var in enumerate(eqn.invars[:2]):
+                    x = read(var)
+                    folded = _fold(dims, side, x.perm) if isinstance(x, _Transposed) else None
+                    if folded is None:
+                        operands.append(value(var))
+                    else:
+                        dims = folded
+                        operands.append(x.value)
+                rest = [value(var) for var in eqn.invars[2:]]
+                outs = [_bind(eqn, [*operands, *rest], {**params, "dimension_numbers": dims})]
+            elif call is not None and hasattr(call, "jaxpr") and hasattr(call, "consts"):
+                outs = self._run(call.jaxpr, call.consts, [value(var) for var in eqn.invars])
+            else:
+                ins = [value(var) for var in eqn.invars]
+                ans = _bind(eqn, ins, eqn.primitive.get_bind_params(eqn.params))
+                outs = ans if eqn.primitive.multiple_results else [ans]
+            env.update(zip(eqn.outvars, outs, strict=True))
+            for var in dead:
+                env.pop(var, None)
+        return [value(var) for var in jaxpr.outvars]
+
+
 # --------------------------------------------------------------------------- build
 _TRACE_ERRORS: tuple[type[BaseException], ...] = (
     jax.errors.ConcretizationTypeError,
@@ -571,6 +699,7 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
     theta0 = np.concatenate(
         [np.asarray(source[src][i], dtype=np.float64).ravel() for src, i, *_ in entries]
     )
+    theta0.setflags(write=False)  # the problem keeps it as it is (no second copy)
     placements = [
         (src, i, block.offset, block.size, block.shape)
         for (src, i, *_), block in zip(entries, blocks, strict=True)
@@ -641,8 +770,8 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
     # many evaluations (``prepare``).
     eager = FlatProblem(
         theta0=theta0,
-        loss=_flat_loss(jaxpr_as_fun(loss_traced.jaxpr), device_parts),
-        gradient=_flat_gradient(jaxpr_as_fun(grad_traced.jaxpr), device_parts),
+        loss=_flat_loss(_OpByOp(loss_traced.jaxpr), device_parts),
+        gradient=_flat_gradient(_OpByOp(grad_traced.jaxpr), device_parts),
         blocks=blocks,
         precision=precision,
         framework="jax",

@@ -612,6 +612,75 @@ def test_loss_batch_compiles_once_and_pads_short_chunks() -> None:
     assert len(traces) == traced
 
 
+@jax.custom_vjp
+def _dense_vjp(h: Any, w: Any) -> Any:
+    return h @ w.T
+
+
+_dense_vjp.defvjp(lambda h, w: (h @ w.T, (h, w)), lambda res, g: (g @ res[1], g.T @ res[0]))
+
+
+def _transposing(p: Any, x: Any) -> Any:
+    """Transposes of every kind the op-by-op evaluator folds, composes or must keep."""
+    h = jnp.tanh(x @ p["w0"].T + p["b"])  # folded into the dot
+    h = _dense_vjp(h, p["w1"])  # folded inside a custom_vjp layer
+    h = jax.nn.relu(h) + jnp.sin(p["w1"].T)[0]  # custom_jvp; a transpose read by sin
+    t = jnp.transpose(p["t"], (0, 2, 1))
+    same = jnp.transpose(t, (0, 2, 1))  # a transpose of a transpose: the identity
+    batched = jnp.einsum("bij,bjk->bik", t, p["t"])  # batch dimensions
+    moved = jnp.einsum("ijk,kl->jil", jnp.transpose(p["t"], (1, 0, 2)), p["u"])  # free dims move
+    return (
+        jnp.sum(h**2)
+        + jnp.sum(same * p["t"])
+        + jnp.sum(jnp.tanh(batched))
+        + jnp.sum(jnp.cos(moved))
+        + jnp.sum(p["w0"].T.T * p["w0"])
+    )
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_op_by_op_evaluation_equals_jax_and_folds_transposes(
+    what: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # oracle: jax's own evaluation of the same traced program (jaxpr_as_fun)
+    from jax.extend.core import jaxpr_as_fun
+
+    shapes = {"w0": (5, 4), "b": (5,), "w1": (5, 5), "t": (2, 3, 3), "u": (3, 2)}
+    params = {k: jnp.asarray(data(s, i)) for i, (k, s) in enumerate(shapes.items())}
+    x = jnp.asarray(data((6, 4), 9))
+    fn = (lambda p: _transposing(p, x)) if what == "loss" else jax.grad(lambda p: _transposing(p, x))
+    with adapter._x64():
+        closed = jax.jit(fn).trace(params).jaxpr
+        leaves = jax.tree_util.tree_leaves(params)
+        expected = jaxpr_as_fun(closed)(*leaves)
+        forced: list[tuple[int, ...]] = []
+        force = adapter._Transposed.force
+
+        def counted(pending: Any) -> Any:
+            forced.append(pending.perm)
+            return force(pending)
+
+        monkeypatch.setattr(adapter._Transposed, "force", counted)
+        got = adapter._OpByOp(closed)(*leaves)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-13, atol=1e-13)
+    transposes = sum(eqn.primitive.name == "transpose" for eqn in adapter._walk(closed.jaxpr))
+    assert transposes >= 6
+    assert 1 <= len(forced) < transposes  # sin's operand and the einsum whose free dims move
+
+
+def test_a_problem_evaluates_op_by_op_and_its_check_agrees_with_full_mode() -> None:
+    shapes = {"w0": (5, 4), "b": (5,), "w1": (5, 5), "t": (2, 3, 3), "u": (3, 2)}
+    params = {k: jnp.asarray(data(s, i)) for i, (k, s) in enumerate(shapes.items())}
+    x = data((6, 4), 9)
+    for mode in ("fast", "full"):
+        report = check_gradients((_transposing, params), x, mode=mode, wrt="params")
+        assert report.passed, str(report)
+    problem = build((_transposing, params), x, wrt="params")
+    assert problem.batching == "eager"
+
+
 def test_max_batch_follows_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(adapter, "MEMORY_BUDGET", 10 * 8 * (100 * 100 + 100))
     problem = build((lambda p, x: jnp.tanh(p @ x), data((100, 100))), data((100,), 1), wrt="params")
