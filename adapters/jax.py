@@ -35,7 +35,9 @@ time and the user's module is never advanced).
 Speed: the loss and its gradient are traced once, when the problem is built, and
 evaluated op by op from their jaxprs (no compile, and the model's Python does not run
 again): the gradient is needed a handful of times per check, and a check of a few
-evaluations (fast mode) would spend most of its time compiling. When the core
+evaluations (fast mode) would spend most of its time compiling. The evaluation folds a
+``transpose`` read by ``dot_general`` into the product (see :class:`_OpByOp`), as a
+compile would: op by op, ``x @ w.T`` would otherwise copy ``w`` every time. When the core
 expects at least :data:`COMPILE_FROM` evaluations (``FlatProblem.prepare``; full
 mode on a model of more than a hundred entries), the loss is compiled, ``vmap``-ed
 over the rows of a ``(max_batch, P)`` array; shorter batches, and single points,

@@ -682,18 +682,20 @@ def _block_weights(problem: FlatProblem, tol: Tolerance) -> np.ndarray:
 
 
 def _direction(rng: np.random.Generator, problem: FlatProblem, tol: Tolerance) -> np.ndarray:
-    """Entries ``±(1 + u) * w_i``, ``u`` uniform in [0, 1), independent signs, ``w`` the
-    `_block_weights` (made again for each direction: one O(P) array fewer to keep)."""
+    """Entries ``±(1 + u) * w_i``, ``u`` uniform on [0, 1) (a grid of 2**-23), independent
+    signs, ``w`` the `_block_weights` (made again for each direction: one O(P) array fewer).
+
+    Each entry takes 32 random bits: 23 for the mantissa of a float32 in [1, 2), one for
+    its sign (no float arithmetic, and half the random bits of a float64 draw).
+    """
     v = _block_weights(problem, tol)
+    source = rng.bit_generator
     for start in range(0, v.size, CHUNK):  # temporaries of a chunk, not of P entries
         part = v[start : start + CHUNK]
-        u = rng.random(part.size, dtype=np.float32)
-        u -= np.float32(0.5)  # exact; sign and magnitude from one draw: |2u| is uniform in [0, 1)
-        factor = np.abs(u, dtype=np.float64)
-        factor *= 2.0
-        factor += 1.0
-        np.copysign(factor, u, out=factor)
-        part *= factor
+        bits = source.random_raw((part.size + 1) // 2).view(np.uint32)[: part.size]
+        bits &= np.uint32(0x807FFFFF)  # the sign bit and 23 mantissa bits
+        bits |= np.uint32(0x3F800000)  # the exponent of [1, 2)
+        part *= bits.view(np.float32)
     return v
 
 

@@ -403,16 +403,15 @@ def test_windows_sized_from_the_noise_name_an_entry_in_fewer_evaluations(monkeyp
     assert report.evaluations + 4 <= fixed.evaluations, (report.evaluations, fixed.evaluations)
 
 
-@pytest.mark.parametrize("seed", range(4))
 def test_a_zero_initialised_relu_layer_passes_judged_by_the_backward_beside_the_kink(
-    seed, monkeypatch
+    monkeypatch,
 ):
     # every unit of the layer sits on its kink, and a random direction moves them all across
     # it at once: g . v (relu'(0) = 0 for every unit) can lie outside the one-sided
     # directional derivatives. As full mode does per entry, the gradient just beside the
     # kink, on either side, must then give the one-sided derivative (oracle: the reference
-    # MLP, whose backward is correct)
-    beside = []
+    # MLP, whose backward is correct). Where g . v falls between them, that settles it.
+    beside: list[bool] = []
     original = gradcheck._fast._Line.beside
 
     def spy(self, *args):
@@ -421,11 +420,16 @@ def test_a_zero_initialised_relu_layer_passes_judged_by_the_backward_beside_the_
         return out
 
     monkeypatch.setattr(gradcheck._fast._Line, "beside", spy)
-    rng = np.random.default_rng(seed)
-    x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
-    mlp = MLP([3, 40, 2], activation="relu", seed=seed)
-    mlp.params["W0"][:] = 0.0
-    mlp.params["b0"][:] = 0.0
-    report = check_gradients(mlp, x, y, loss="mse", mode="fast")
-    assert report.passed, str(report)
-    assert beside and all(beside)
+    judged_beside = 0
+    for seed in range(8):
+        beside.clear()
+        rng = np.random.default_rng(seed)
+        x, y = rng.normal(size=(5, 3)), rng.normal(size=(5, 2))
+        mlp = MLP([3, 40, 2], activation="relu", seed=seed)
+        mlp.params["W0"][:] = 0.0
+        mlp.params["b0"][:] = 0.0
+        report = check_gradients(mlp, x, y, loss="mse", mode="fast")
+        assert report.passed, str(report)
+        assert all(beside), seed
+        judged_beside += bool(beside)
+    assert judged_beside >= 4  # the path this test is about, taken in most draws
