@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
+from gradcheck import _memory
 from gradcheck._errors import (
     GradcheckInputError,
     InvalidOptionError,
@@ -699,9 +700,10 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
     blocks = block_layout([(name, shape, kind) for _, _, name, shape, kind in entries])
     source = {"p": p_leaves, "x": x_leaves}
     theta0 = np.concatenate(
-        [np.asarray(source[src][i], dtype=np.float64).ravel() for src, i, *_ in entries]
+        [np.asarray(source[src][i], dtype=np.float64).ravel() for src, i, *_ in entries],
+        out=_memory.empty(sum(block.size for block in blocks)),
     )
-    theta0.setflags(write=False)  # the problem keeps it as it is (no second copy)
+    _memory.freeze(theta0)  # the problem keeps it as it is (no second copy)
     placements = [
         (src, i, block.offset, block.size, block.shape)
         for (src, i, *_), block in zip(entries, blocks, strict=True)
@@ -812,7 +814,8 @@ def _flat_gradient(
     def gradient(theta: np.ndarray) -> np.ndarray:
         with _x64():
             parts = fn(*device_parts(theta))
-            return np.concatenate([np.asarray(part, dtype=np.float64).ravel() for part in parts])
+            flat = [np.asarray(part, dtype=np.float64).ravel() for part in parts]
+            return np.concatenate(flat, out=_memory.empty(sum(part.size for part in flat)))
 
     return gradient
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from gradcheck import _memory
 from gradcheck._errors import (
     InvalidOptionError,
     ModelError,
@@ -237,9 +238,10 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
         [
             (inputs.values[checked_inputs[b.name]] if b.kind == "input" else params[b.name]).ravel()
             for b in blocks
-        ]
-    ).astype(np.float64, copy=False)
-    theta0.setflags(write=False)  # the problem keeps it as it is (no second copy)
+        ],
+        out=_memory.empty(sum(b.size for b in blocks)),
+    )
+    _memory.freeze(theta0)  # the problem keeps it as it is (no second copy)
 
     rngs = list(_find_rngs(work))
     rng_states = [_rng_state(r) for r in rngs]
@@ -287,7 +289,7 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
                         value.fill(0.0)
             dx = work.backward(dout)
             grads = getattr(work, "grads", None)
-            flat = np.empty(theta.size, dtype=np.float64)
+            flat = _memory.empty(theta.size)
             for block in blocks:
                 if block.kind == "input":
                     if dx is None:

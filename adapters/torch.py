@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradcheck import _memory
 from gradcheck._errors import (
     GradcheckInputError,
     InvalidOptionError,
@@ -409,9 +410,10 @@ class _Evaluator:
         self.sizes = [math.prod(s) for s in self.shapes]
         self.size = sum(self.sizes)
         self.theta0 = np.concatenate(
-            [t.detach().to("cpu", torch.float64).reshape(-1).numpy() for _, t, _ in checked]
+            [t.detach().to("cpu", torch.float64).reshape(-1).numpy() for _, t, _ in checked],
+            out=_memory.empty(self.size),
         )
-        self.theta0.setflags(write=False)  # the problem keeps it as it is (no second copy)
+        _memory.freeze(self.theta0)  # the problem keeps it as it is (no second copy)
         self.constants = {f"model.{k}": v for k, v in constants.items()}
         self.scope = _Scope(module) if module is not None else None
         # the working vector whose views stand in for the checked tensors
@@ -595,7 +597,7 @@ class _Evaluator:
                 self._restore_buffers()
         if grad is None:
             return np.zeros(self.size)
-        return grad.detach().to("cpu", torch.float64).numpy().copy()
+        return _memory.copy(grad.detach().to("cpu", torch.float64).numpy())
 
     def cache_gradient(self, theta: np.ndarray, grad: np.ndarray) -> None:
         """Keep ``grad`` (at ``theta``; neither is copied nor changed later) for the next call."""

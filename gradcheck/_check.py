@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _memory
 from ._diagnosis import diagnose
 from ._errors import ModelError, NonFiniteError, ShapeMismatchError
 from ._numerics import (
@@ -163,7 +164,7 @@ def _both_sides(
         step = float(r.step[p]) / 2.0
         sides = []
         for sign, expected in ((1.0, r.right0[p]), (-1.0, r.left0[p])):
-            theta = problem.theta0.copy()
+            theta = _memory.copy(problem.theta0)
             theta[i] = ev.representable(np.array([theta[i] + sign * step]))[0]
             ev.charge(1)
             g = np.asarray(problem.gradient(theta), dtype=np.float64)[i]

@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from . import _memory
 from ._check import judge_entries
 from ._diagnosis import diagnose
 from ._numerics import (
@@ -139,7 +140,8 @@ class _Line:
         """A zero vector of the problem's size, made once per check; whoever writes into
         it sets it back to zero (fresh O(P) arrays cost page faults at every use)."""
         if self._scratch is None:
-            self._scratch = np.zeros_like(self.g)
+            self._scratch = _memory.empty(self.g.size)
+            self._scratch.fill(0.0)
         return self._scratch
 
     def differences(self, v: np.ndarray, support: Support, s: float) -> Differences:
@@ -282,7 +284,7 @@ class _Line:
         problem = ev.problem
         step = float(r.step[0]) / 2.0
         for sign, expected in ((1.0, float(r.right0[0])), (-1.0, float(r.left0[0]))):
-            theta = problem.theta0.copy()
+            theta = _memory.copy(problem.theta0)
             theta[support] = ev.representable(theta[support] + sign * step * v[support])
             ev.charge(1)
             g = np.asarray(problem.gradient(theta), dtype=np.float64)
@@ -318,7 +320,7 @@ class _Probe:
         The entries are zeroed in a copy of ``v`` rather than left out of the support,
         which stays one slice: O(P) work per evaluation either way, but no gathers.
         """
-        w = v.copy()
+        w = _memory.copy(v)
         w[entries] = 0.0
         count = self.members.size - len(entries)
         return self.line.check(w, self.span, count, refine=refine)
@@ -673,7 +675,7 @@ def _block_weights(problem: FlatProblem, tol: Tolerance) -> np.ndarray:
     own resolution, not at that of the largest block. In float32 the factor is 1:
     rounding the perturbed point to float32 would swamp smaller moves.
     """
-    weights = np.abs(problem.theta0)
+    weights = np.abs(problem.theta0, out=_memory.empty(problem.size))
     np.maximum(weights, 1.0, out=weights)
     if tol.eps <= 1e-12:
         for b in problem.blocks:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _memory
 from ._errors import NonFiniteError
 from ._options import Tolerance
 from ._problem import FlatProblem
@@ -79,7 +80,8 @@ class Evaluator:
         entries it perturbs and puts them back (O(entries), not O(P), per evaluation)."""
         rows = self._rows
         if rows is None or rows.shape[0] < k:
-            rows = self._rows = np.repeat(self.theta0[None, :], k, axis=0)
+            rows = self._rows = _memory.empty((k, self.theta0.size))
+            rows[...] = self.theta0
         return rows[:k]
 
     def _values(self, rows: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Literal
 
 import numpy as np
 
+from . import _memory
 from ._errors import GradcheckInputError, NothingToCheckError, ShapeMismatchError
 
 BlockKind = Literal["param", "input"]
@@ -55,7 +56,8 @@ class FlatProblem:
     Attributes:
         theta0: the point to check at, float64, 1-D. The problem keeps a read-only
             copy, or takes the array itself when it is already float64, 1-D, contiguous,
-            read-only and owns its memory (an adapter's fresh vector: no O(P) copy).
+            and read-only down to the array that owns its memory (an adapter's fresh vector,
+            `gradcheck._memory.freeze`-d: no O(P) copy).
         loss: ``loss(theta) -> float``, the model's loss with ``theta`` substituted.
         gradient: ``gradient(theta) -> ndarray``, the model's own (analytical)
             gradient, float64, same layout as ``theta``. Both receive read-only
@@ -130,13 +132,8 @@ class FlatProblem:
 
 def _owned_read_only(theta: np.ndarray) -> bool:
     """Whether ``theta`` can be kept as it is: a float64 contiguous vector that nobody can
-    write through (read-only, and no other array's view)."""
-    return (
-        theta.dtype == np.float64
-        and theta.base is None
-        and theta.flags.c_contiguous
-        and not theta.flags.writeable
-    )
+    write through (see `gradcheck._memory.freeze`)."""
+    return theta.dtype == np.float64 and theta.flags.c_contiguous and _memory.frozen(theta)
 
 
 def output_projection(shape: tuple[int, ...], seed: int, index: int = 0) -> np.ndarray:

@@ -541,3 +541,45 @@ def test_prepare_is_asked_once_before_any_evaluation_and_its_problem_is_checked(
     assert asked == [expected]
     if mode == "full":
         assert report.evaluations == expected + 1  # the gradient is counted as one
+
+
+# ------------------------------------------------------------------ memory
+def test_large_scratch_arrays_start_on_a_huge_page_boundary():
+    from gradcheck import _memory
+
+    big = _memory.empty((3, 400_000))
+    assert big.shape == (3, 400_000) and big.dtype == np.float64
+    assert big.flags.c_contiguous and big.flags.writeable
+    assert big.ctypes.data % _memory.HUGE_PAGE == 0
+    big[...] = 1.5  # the whole view is usable memory
+    assert float(big.sum()) == 1.5 * big.size
+    small = _memory.empty(10, np.intp)
+    assert small.shape == (10,) and small.dtype == np.intp
+    t = np.arange(300_000.0)
+    copied = _memory.copy(t)
+    assert np.array_equal(copied, t) and not np.shares_memory(copied, t)
+
+
+def test_a_frozen_theta0_is_kept_and_anything_writable_is_copied():
+    from gradcheck import _memory
+    from gradcheck._problem import FlatProblem, block_layout
+
+    def problem(theta):
+        return FlatProblem(
+            theta0=theta,
+            loss=cubic,
+            gradient=lambda t: 3 * t**2,
+            blocks=block_layout([("w", (theta.size,), "param")]),
+        )
+
+    frozen = _memory.freeze(_memory.copy(np.linspace(0.0, 1.0, 300_000)))
+    assert problem(frozen).theta0 is frozen  # an adapter's fresh vector: no O(P) copy
+    writable = np.linspace(0.0, 1.0, 50)
+    base = np.linspace(0.0, 1.0, 50)
+    through_base = base[:]
+    through_base.setflags(write=False)  # read-only, but its base is not
+    for theta, owner in ((writable, writable), (through_base, base)):
+        kept = problem(theta).theta0
+        assert kept is not theta and not kept.flags.writeable
+        owner[0] = 7.0
+        assert kept[0] == 0.0  # the user's later writes do not reach the problem

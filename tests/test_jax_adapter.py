@@ -648,7 +648,9 @@ def test_op_by_op_evaluation_equals_jax_and_folds_transposes(
     shapes = {"w0": (5, 4), "b": (5,), "w1": (5, 5), "t": (2, 3, 3), "u": (3, 2)}
     params = {k: jnp.asarray(data(s, i)) for i, (k, s) in enumerate(shapes.items())}
     x = jnp.asarray(data((6, 4), 9))
-    fn = (lambda p: _transposing(p, x)) if what == "loss" else jax.grad(lambda p: _transposing(p, x))
+    fn = (
+        (lambda p: _transposing(p, x)) if what == "loss" else jax.grad(lambda p: _transposing(p, x))
+    )
     with adapter._x64():
         closed = jax.jit(fn).trace(params).jaxpr
         leaves = jax.tree_util.tree_leaves(params)
