@@ -60,8 +60,9 @@ class FlatProblem:
             `gradcheck._memory.freeze`-d: no O(P) copy).
         loss: ``loss(theta) -> float``, the model's loss with ``theta`` substituted.
         gradient: ``gradient(theta) -> ndarray``, the model's own (analytical)
-            gradient, float64, same layout as ``theta``. Both receive read-only
-            arrays (``theta0`` itself, or the checker's reused buffers).
+            gradient, float64, same layout as ``theta``. Either may receive a
+            read-only array (``theta0`` itself, the checker's reused rows): copy it to
+            change it.
         blocks: the named slices of ``theta``; they must tile it exactly, in order.
         loss_batch: optional ``loss_batch(thetas) -> ndarray`` evaluating the
             loss at every row of a ``(k, P)`` array in one call (vmap). The core
