@@ -487,7 +487,7 @@ class _Transposed:
 
     def force(self) -> Any:
         params = {**self.eqn.primitive.get_bind_params(self.eqn.params), "permutation": self.perm}
-        return self.eqn.primitive.bind(self.value, **params)
+        return _bind(self.eqn, [self.value], params)
 
 
 def _fold(dims: Any, side: int, perm: tuple[int, ...]) -> Any:
