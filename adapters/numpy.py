@@ -28,6 +28,7 @@ import numpy as np
 
 from gradcheck import _memory
 from gradcheck._errors import (
+    GradcheckInputError,
     InvalidOptionError,
     ModelError,
     NothingToCheckError,
@@ -35,6 +36,7 @@ from gradcheck._errors import (
 )
 from gradcheck._losses import numpy_loss
 from gradcheck._problem import BlockKind, FlatProblem, block_layout, output_projection
+from gradcheck._state import GLOBAL_STATE
 
 _RNG_TYPES = (np.random.Generator, np.random.RandomState, np.random.BitGenerator)
 
@@ -98,7 +100,7 @@ def _loss_pair(
             shape = np.shape(out)
             if shape not in cache:
                 cache[shape] = output_projection(shape, seed)
-            return cache[shape]
+            return cache[shape].copy()  # a backward may scale its dout in place
 
         return (lambda out: float(np.sum(np.asarray(out) * proj(out)))), proj
     if loss is None or isinstance(loss, str):
@@ -117,10 +119,21 @@ def _loss_pair(
     if y is None:
         raise InvalidOptionError("a loss was given but y is None; pass the target y")
     target = np.asarray(y)
-    return (lambda out: float(fn(out, target))), (lambda out: np.asarray(grad(out, target)))
+
+    def value(out: np.ndarray) -> float:
+        result = fn(out, target.copy())
+        try:
+            return float(result)
+        except (TypeError, ValueError):
+            shape = getattr(result, "shape", None)
+            got = f"an array of shape {shape}" if shape is not None else type(result).__name__
+            raise ModelError(f"the loss must return a scalar; got {got}") from None
+
+    return value, (lambda out: np.asarray(grad(out, target.copy())))
 
 
-def _float_params(model: Any) -> dict[str, np.ndarray]:
+def _float_params(model: Any, notes: list[str]) -> dict[str, np.ndarray]:
+    """The real floating-point parameters; every other one is named in ``notes``."""
     params = {}
     for name, value in model.params.items():
         if not isinstance(value, np.ndarray):
@@ -129,6 +142,11 @@ def _float_params(model: Any) -> dict[str, np.ndarray]:
             )
         if np.issubdtype(value.dtype, np.floating):
             params[str(name)] = value
+        elif np.issubdtype(value.dtype, np.complexfloating):
+            notes.append(
+                f"parameter `{name}` is complex ({value.dtype}) and is not checked: "
+                "gradcheck checks real parameters (hold its real and imaginary parts as two)"
+            )
     return params
 
 
@@ -169,12 +187,15 @@ class _Inputs:
         self.keys = [k for k, _ in items]
         self.values: list[Any] = []
         self.floats: list[int] = []
+        self.complex: list[int] = []
         for pos, (_, value) in enumerate(items):
             arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
             if arr is not None and np.issubdtype(arr.dtype, np.floating):
                 self.values.append(arr.astype(np.float64))
                 self.floats.append(pos)
             else:
+                if arr is not None and np.issubdtype(arr.dtype, np.complexfloating):
+                    self.complex.append(pos)
                 self.values.append(copy.deepcopy(value))
 
     def name(self, pos: int) -> str:
@@ -182,6 +203,9 @@ class _Inputs:
         return "input" if self.kind == "array" else f"input[{key!r}]"
 
     def build(self, values: list[Any]) -> Any:
+        """The input for one evaluation, from fresh copies (a forward may change its input
+        in place: the next evaluation must not see that)."""
+        values = [v.copy() if isinstance(v, np.ndarray) else copy.deepcopy(v) for v in values]
         if self.kind == "none":
             return None
         if self.kind == "array":
@@ -208,16 +232,54 @@ class _Inputs:
         return dx[pos]
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _real_array(value: Any, what: str) -> np.ndarray:
+    """``value`` as a real float array, or a one-line error saying what it is."""
+    arr = np.asarray(value) if value is not None else None
+    if arr is None or arr.dtype == object or not np.issubdtype(arr.dtype, np.number):
+        got = type(value).__name__
+        if arr is not None:
+            got += f" of dtype {arr.dtype}"
+        raise ModelError(f"{what} must be a numeric array; got {got}")
+    if np.iscomplexobj(arr):
+        raise ModelError(
+            f"{what} is complex ({arr.dtype}) for a real parameter or input; "
+            "its imaginary part would be dropped"
+        )
+    return arr
+
+
+def _call(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, the model's own code: what it raises becomes a `ModelError` that says
+    which stage raised (the original is chained, with its traceback)."""
+    try:
+        return fn(*args)
+    except GradcheckInputError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"the model's {stage} raised {_first_line(exc)}") from exc
+
+
 def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> FlatProblem:
     try:
         work = copy.deepcopy(model)
     except Exception as exc:  # pragma: no cover - exotic models
         raise ModelError(f"cannot copy the model to check it safely: {exc}") from exc
-    params = _float_params(work)
+    notes: list[str] = []
+    params = _float_params(work, notes)
     original_dtypes = {p.dtype for p in params.values()}
     params = _promote(work, params)
     loss_fn, loss_grad = _loss_pair(loss, y, seed)
     inputs = _Inputs(x)
+    for pos in inputs.complex:
+        notes.append(
+            f"input `{inputs.name(pos)}` is complex and is not checked: gradcheck checks "
+            "real inputs (it is passed to the model as it is)"
+        )
 
     layout: list[tuple[str, tuple[int, ...], BlockKind]] = []
     if wrt in ("all", "params"):
@@ -245,24 +307,31 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
 
     rngs = list(_find_rngs(work))
     rng_states = [_rng_state(r) for r in rngs]
+    with GLOBAL_STATE:  # what the model's legacy np.random calls draw from, every time
+        start_state = np.random.get_state()
     regularization = getattr(work, "regularization", None)
 
     @contextmanager
     def evaluation(theta: np.ndarray) -> Iterator[Any]:
-        global_state = np.random.get_state()
-        try:
-            for rng, state in zip(rngs, rng_states, strict=True):
-                _set_rng_state(rng, copy.deepcopy(state))
-            values = list(inputs.values)
-            for block in blocks:
-                part = theta[block.slice].reshape(block.shape)
-                if block.kind == "param":
-                    np.copyto(params[block.name], part)
-                else:
-                    values[checked_inputs[block.name]] = part.copy()
-            yield inputs.build(values)
-        finally:
-            np.random.set_state(global_state)
+        """One evaluation: the model's generators and NumPy's global one reset, the
+        parameters set to ``theta``; the caller's global generator restored afterwards (under
+        the lock that every check holds for that, so that threads do not interleave)."""
+        with GLOBAL_STATE:
+            global_state = np.random.get_state()
+            try:
+                np.random.set_state(start_state)
+                for rng, state in zip(rngs, rng_states, strict=True):
+                    _set_rng_state(rng, copy.deepcopy(state))
+                values = list(inputs.values)
+                for block in blocks:
+                    part = theta[block.slice].reshape(block.shape)
+                    if block.kind == "param":
+                        np.copyto(params[block.name], part)
+                    else:
+                        values[checked_inputs[block.name]] = part
+                yield inputs.build(values)
+            finally:
+                np.random.set_state(global_state)
 
     def total_loss(out: Any) -> float:
         value = loss_fn(np.asarray(out))
@@ -272,11 +341,11 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
 
     def loss_at(theta: np.ndarray) -> float:
         with evaluation(theta) as x_eval:
-            return total_loss(work.forward(x_eval))
+            return total_loss(_call("forward", work.forward, x_eval))
 
     def gradient_at(theta: np.ndarray) -> np.ndarray:
         with evaluation(theta) as x_eval:
-            out = np.asarray(work.forward(x_eval))
+            out = np.asarray(_call("forward", work.forward, x_eval))
             dout = np.asarray(loss_grad(out), dtype=np.float64)
             if dout.shape != out.shape:
                 raise ShapeMismatchError(
@@ -287,7 +356,7 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
                 for value in grads.values():
                     if isinstance(value, np.ndarray) and value.flags.writeable:
                         value.fill(0.0)
-            dx = work.backward(dout)
+            dx = _call("backward", work.backward, dout)
             grads = getattr(work, "grads", None)
             flat = _memory.empty(theta.size)
             for block in blocks:
@@ -297,7 +366,7 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
                             "backward returned None, so the input gradient cannot be checked; "
                             "return dL/dx from backward or pass wrt='params'"
                         )
-                    value = np.asarray(inputs.gradient(dx, checked_inputs[block.name]))
+                    value = inputs.gradient(dx, checked_inputs[block.name])
                     what = f"the gradient of `{block.name}` returned by backward"
                 else:
                     if not isinstance(grads, Mapping) or block.name not in grads:
@@ -306,8 +375,9 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
                             f"model.grads has no entry {block.name!r} after backward; "
                             f"expected the keys of model.params, got {have}"
                         )
-                    value = np.asarray(grads[block.name])
+                    value = grads[block.name]
                     what = f"model.grads[{block.name!r}]"
+                value = _real_array(value, what)
                 if value.shape != block.shape:
                     raise ShapeMismatchError(
                         f"{what} has shape {value.shape}; expected {block.shape}"
@@ -315,7 +385,7 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
                 flat[block.slice] = value.reshape(-1)
             return flat
 
-    notes = []
+    # (notes holds the complex parameters and inputs left out, from above)
     if any(d != np.float64 for d in original_dtypes):
         names = ", ".join(sorted(str(d) for d in original_dtypes))
         notes.append(f"parameters of dtype {names} were checked on a float64 copy")

@@ -7,6 +7,7 @@ from typing import Any
 from ._check import run_check
 from ._dispatch import select_adapter
 from ._options import CheckOptions, Mode, Wrt, check_wrt
+from ._problem import check_container
 from ._report import Report
 
 
@@ -74,6 +75,8 @@ def check_gradients(
         reset before every evaluation makes the check inconclusive (it fails).
     """
     options = CheckOptions(mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals)
+    check_container(x, "x")
+    check_container(y, "y")
     adapter = select_adapter(model)
     problem = adapter.build_problem(model, x, y, loss=loss, wrt=check_wrt(wrt), seed=seed)
     return run_check(problem, options)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from ._numerics import (
     StartingPoint,
     base_steps,
     coordinate_differences,
+    one_sided,
     refine_until_resolved,
     shrink_until_finite,
     subset,
@@ -37,20 +40,56 @@ AUTO_FULL_LIMIT = 20_000
 
 
 def _analytic(problem: FlatProblem) -> np.ndarray:
-    g = np.asarray(problem.gradient(problem.theta0), dtype=np.float64)
+    g = np.asarray(problem.gradient(problem.theta0))
+    if g.dtype == object or not (
+        np.issubdtype(g.dtype, np.number) or np.issubdtype(g.dtype, np.bool_)
+    ):
+        raise ModelError(f"the analytic gradient must be numeric; got dtype {g.dtype}")
+    if np.iscomplexobj(g):
+        raise ModelError(
+            "the analytic gradient is complex; gradcheck checks real gradients "
+            "(split a complex parameter into its real and imaginary parts)"
+        )
+    g = np.asarray(g, dtype=np.float64)
     if g.shape != problem.theta0.shape:
         raise ShapeMismatchError(
             f"the analytic gradient has shape {g.shape}; expected {problem.theta0.shape}"
         )
-    for block in problem.blocks:
-        part = g[block.slice]
-        if not np.all(np.isfinite(part)):
-            bad = int(np.flatnonzero(~np.isfinite(part))[0])
-            raise NonFiniteError(
-                f"the analytic gradient of `{block.name}` is not finite at the starting point "
-                f"(entry {block.index(bad)} is {part[bad]})"
-            )
     return g
+
+
+def _not_finite(block: Block, g: np.ndarray) -> BlockResult:
+    """A block whose analytic gradient holds NaN or Inf: a gradient defect at this point,
+    failed without numerics (the entries are named; their numeric values are not measured)."""
+    part = g[block.slice]
+    bad = np.flatnonzero(~np.isfinite(part))
+    kinds = sorted({"NaN" if np.isnan(v) else "Inf" for v in part[bad]})
+    entries = tuple(
+        Entry(
+            index=block.index(int(i)),
+            analytic=float(part[i]),
+            numeric=math.nan,
+            error=math.nan,
+            tolerance=math.nan,
+        )
+        for i in bad[:MAX_ROWS]
+    )
+    return BlockResult(
+        name=block.name,
+        shape=block.shape,
+        kind=block.kind,
+        checked=block.size,
+        size=block.size,
+        mismatches=int(bad.size),
+        worst=entries,
+        max_abs_diff=math.inf,
+        max_rel_diff=math.inf,
+        diagnosis=(
+            f"the analytic gradient is {' and '.join(kinds)} at {bad.size:,} of "
+            f"{block.size:,} entries (a division by zero, log or sqrt of 0, or an "
+            "overflow in the backward?)"
+        ),
+    )
 
 
 def _choose_mode(mode: Mode, size: int) -> tuple[str, str]:
@@ -80,6 +119,7 @@ class Judged:
     hi: np.ndarray
     unverified_kinks: int  # coincident kinks beyond ``side_checks``, accepted unchecked
     below_resolution: int  # accepted: the loss cannot resolve their gradient
+    invisible: np.ndarray  # bool: the loss is flat and the gradient too small to show
 
 
 def judge_entries(
@@ -127,7 +167,8 @@ def judge_entries(
     # a loss that did not change at all at any step cannot show a gradient whose effect
     # over the largest step is below the resolution of values of magnitude max(|f|, 1)
     resolution = tol.noise * tol.eps * max(abs(f0), 1.0)
-    invisible = ~accepted & r.flat & (np.abs(a) * REFINE_FACTORS[0] * h <= resolution)
+    tiny = r.flat & (np.abs(a) * REFINE_FACTORS[0] * h <= resolution)
+    invisible = ~accepted & tiny
     accepted[invisible] = True
     return Judged(
         ok=accepted,
@@ -139,6 +180,7 @@ def judge_entries(
         hi=r.hi,
         unverified_kinks=int(unchecked.size),
         below_resolution=int(np.sum(invisible)),
+        invisible=tiny,
     )
 
 
@@ -175,7 +217,8 @@ def _both_sides(
 
 
 class _FullBlock:
-    """Full mode on one block: every entry, refined where the first pass disagrees."""
+    """Full mode on one block: every entry, refined where the first pass disagrees or cannot
+    resolve it."""
 
     def __init__(
         self,
@@ -196,10 +239,12 @@ class _FullBlock:
         self.max_refine = max_refine
         self.unverified_kinks = 0  # coincident kinks beyond KINK_SIDE_CHECKS
         self.below_resolution = 0  # entries the loss cannot resolve in float64
+        self.one_sided = 0  # entries measured from one side (the loss is not finite on the other)
 
     def run(self) -> tuple[BlockResult, np.ndarray]:
         tol, a = self.tol, self.a
         first = coordinate_differences(self.ev, self.idx, self.h, self.f0)
+        nominal = (first.fp.copy(), first.fm.copy(), self.h.copy())
         shrink_until_finite(self.ev, self.idx, self.h, first)
         numeric = first.central
         error = first.roundoff(tol)
@@ -209,46 +254,89 @@ class _FullBlock:
         with np.errstate(invalid="ignore"):
             curvature = np.abs(first.right - first.left)
             allowed = floor + tol.rtol * np.abs(numeric) + tol.safety * error + tol.rtol * curvature
-            diff = np.abs(a - numeric)
-            ok = diff <= allowed
-        allowed = np.where(np.isfinite(allowed), allowed, np.inf)
+            ok = np.abs(a - numeric) <= allowed
         kink = np.zeros(a.size, dtype=bool)
         lo = np.full(a.size, np.nan)
         hi = np.full(a.size, np.nan)
-        suspicious = np.flatnonzero(~ok)
-        unevaluable = 0
-        if suspicious.size:
-            ratio = np.where(
-                np.isfinite(diff[suspicious]),
-                diff[suspicious] / np.maximum(allowed[suspicious], 1e-300),
-                np.inf,
+        unresolved = np.zeros(a.size, dtype=bool)
+        lost = np.flatnonzero(~finite)
+        if lost.size:
+            self._one_side(lost, nominal, first, floor, numeric, error, allowed, ok)
+            unresolved[lost] = ~np.isfinite(numeric[lost])
+            ok[lost] |= unresolved[lost]  # not measured: not a mismatch, not agreement either
+        two_sided = np.isfinite(first.central)
+        suspicious = np.flatnonzero(~ok & two_sided)
+        coarse = np.flatnonzero(ok & two_sided & unresolved_mask(tol, a, numeric, error, scale))
+        # refinement budget: the worst suspicious entries first, then the coarse ones
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.abs(a - numeric)[suspicious] / np.maximum(allowed[suspicious], 1e-300)
+        order = np.concatenate(
+            [suspicious[np.argsort(-np.nan_to_num(ratio, nan=np.inf), kind="stable")], coarse]
+        ).astype(np.intp)
+        chosen, rest = order[: self.max_refine], order[self.max_refine :]
+        if chosen.size:
+            judged = self._refine(chosen, first, floor, numeric, error, allowed, kink, lo, hi)
+            ok[chosen] = judged.ok
+            unresolved[chosen] = (
+                judged.ok
+                & ~judged.kink
+                & ~judged.invisible
+                & unresolved_mask(tol, a[chosen], numeric[chosen], error[chosen], scale)
             )
-            order = suspicious[np.argsort(ratio, kind="stable")]
-            chosen, rest = order[: self.max_refine], order[self.max_refine :]
-            if chosen.size:
-                ok[chosen] = self._refine(
-                    chosen, first, floor, numeric, error, allowed, kink, lo, hi
-                )
-            if rest.size:
-                ok[rest] = self._decide_unrefined(rest, first, floor, allowed, kink, lo, hi)
-            not_finite = ~np.isfinite(numeric)
-            unevaluable = int(np.sum(not_finite))
-            ok[not_finite] = True  # reported in a note, not as a mismatch
-        bad = ~ok
+        rest_suspicious = rest[~ok[rest]]
+        if rest_suspicious.size:
+            ok[rest_suspicious] = self._decide_unrefined(
+                rest_suspicious, first, floor, allowed, kink, lo, hi
+            )
+        unresolved[rest[np.isin(rest, coarse)]] = True  # coarse beyond the budget: not verified
+        allowed = np.where(np.isfinite(allowed), allowed, np.inf)
         result = self._result(
             numeric,
             error,
             allowed,
-            bad,
+            ~ok,
             kink,
             lo,
             hi,
             scale,
-            unevaluable,
-            refined=min(suspicious.size, self.max_refine),
+            unresolved,
+            refined=min(order.size, self.max_refine),
             unrefined=max(suspicious.size - self.max_refine, 0),
         )
         return result, numeric
+
+    def _one_side(
+        self,
+        lost: np.ndarray,
+        nominal: tuple[np.ndarray, np.ndarray, np.ndarray],
+        first: Differences,
+        floor: float,
+        numeric: np.ndarray,
+        error: np.ndarray,
+        allowed: np.ndarray,
+        ok: np.ndarray,
+    ) -> None:
+        """Entries ``lost`` (positions in the block) whose loss is not finite on both sides at
+        any step tried: measured from the side where it is, at the first step that had it
+        (`one_sided`). Where neither side is finite, they stay not finite (unresolved)."""
+        fp0, fm0, h0 = nominal
+        side = np.where(np.isfinite(fp0[lost]), 1.0, np.where(np.isfinite(fm0[lost]), -1.0, 0.0))
+        late = np.where(
+            np.isfinite(first.fp[lost]), 1.0, np.where(np.isfinite(first.fm[lost]), -1.0, 0.0)
+        )
+        step = np.where(side != 0, h0[lost], self.h[lost])
+        side = np.where(side != 0, side, late)
+        has = np.flatnonzero(side != 0)
+        if not has.size:
+            return
+        pos = lost[has]
+        value, err = one_sided(self.ev, self.idx[pos], step[has], side[has], self.f0, self.tol)
+        tol = self.tol
+        numeric[pos], error[pos] = value, err
+        with np.errstate(invalid="ignore"):
+            allowed[pos] = floor + tol.rtol * np.abs(value) + tol.safety * err
+            ok[pos] = np.abs(self.a[pos] - value) <= allowed[pos]
+        self.one_sided += int(np.sum(np.isfinite(value)))
 
     def _refine(
         self,
@@ -261,7 +349,7 @@ class _FullBlock:
         kink: np.ndarray,
         lo: np.ndarray,
         hi: np.ndarray,
-    ) -> np.ndarray:
+    ) -> Judged:
         judged = judge_entries(
             self.ev,
             self.idx[chosen],
@@ -280,7 +368,7 @@ class _FullBlock:
         hi[chosen] = judged.hi
         self.unverified_kinks += judged.unverified_kinks
         self.below_resolution += judged.below_resolution
-        return judged.ok
+        return judged
 
     def _decide_unrefined(
         self,
@@ -317,7 +405,7 @@ class _FullBlock:
         lo: np.ndarray,
         hi: np.ndarray,
         scale: float,
-        unevaluable: int,
+        unresolved: np.ndarray,
         refined: int,
         unrefined: int,
     ) -> BlockResult:
@@ -338,13 +426,26 @@ class _FullBlock:
         bad_idx = np.flatnonzero(bad)
         diffs = np.abs(a[bad_idx] - numeric[bad_idx])
         worst = bad_idx[np.argsort(-diffs, kind="stable")][:MAX_ROWS]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.where(numeric[bad_idx] != 0, diffs / np.abs(numeric[bad_idx]), np.inf)
         kink_ok = np.flatnonzero(kink & ~bad)
+        vague = np.flatnonzero(unresolved)
+        measured = np.isfinite(numeric) & ~unresolved
         notes = []
-        if unevaluable:
+        not_measured = int(np.sum(unresolved & ~np.isfinite(numeric)))
+        if not_measured:
             notes.append(
-                f"{unevaluable} entries not checked: the loss is not finite within the step"
+                f"{not_measured} entries not checked: the loss is not finite on either side "
+                "within the smallest step"
+            )
+        if vague.size - not_measured:
+            notes.append(
+                f"{vague.size - not_measured} entries unresolved: their numerical derivative "
+                "cannot be estimated closely enough to tell a wrong gradient from round-off, "
+                "at any step tried (a gradient far below the loss's magnitude?)"
+            )
+        if self.one_sided:
+            notes.append(
+                f"{self.one_sided} entries measured from one side (the loss is not finite on "
+                "the other)"
             )
         if self.unverified_kinks:
             notes.append(
@@ -367,22 +468,52 @@ class _FullBlock:
                 "where the "
                 "analytic value is not a one-sided derivative"
             )
+        max_abs, max_rel = _max_diffs(a[measured], numeric[measured])
         return BlockResult(
             name=block.name,
             shape=block.shape,
             kind=block.kind,
-            checked=block.size - unevaluable,
+            checked=block.size - not_measured,
             size=block.size,
             mismatches=int(bad_idx.size),
             worst=tuple(entry(int(i)) for i in worst),
             kinks=int(kink_ok.size),
             kink_examples=tuple(entry(int(i)) for i in kink_ok[:MAX_ROWS]),
-            max_abs_diff=float(diffs.max()) if diffs.size else 0.0,
-            max_rel_diff=float(rel.max()) if rel.size else 0.0,
+            max_abs_diff=max_abs,
+            max_rel_diff=max_rel,
             scale=scale,
             diagnosis=diagnose(a, numeric, bad, block.shape),
             note="; ".join(notes) or None,
+            unresolved=int(vague.size),
+            unresolved_examples=tuple(entry(int(i)) for i in vague[:MAX_ROWS]),
         )
+
+
+def _max_diffs(a: np.ndarray, numeric: np.ndarray) -> tuple[float, float]:
+    """The largest absolute and relative differences over the entries given (all measured)."""
+    if not a.size:
+        return 0.0, 0.0
+    diffs = np.abs(a - numeric)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(numeric != 0, diffs / np.abs(numeric), np.where(diffs > 0, np.inf, 0.0))
+    return float(diffs.max()), float(rel.max())
+
+
+#: an entry is resolved when the numerical error it is allowed is at most this fraction of
+#: its magnitude (or of its block's scale): any error at least that large is seen or flagged
+RESOLUTION = 0.25
+
+
+def unresolved_mask(
+    tol: Tolerance, a: np.ndarray, numeric: np.ndarray, error: np.ndarray, scale: float
+) -> np.ndarray:
+    """Entries whose numerical derivative is too uncertain to tell agreement from a bug:
+    ``safety * error`` above `RESOLUTION` times the largest of ``|analytic|``, ``|numeric|``
+    and the block's ``scale`` (small entries are judged on their block's scale, as
+    ``atol`` judges them)."""
+    with np.errstate(invalid="ignore"):
+        size = np.maximum(np.maximum(np.abs(a), np.abs(numeric)), scale)
+        return ~(tol.safety * error <= RESOLUTION * size)
 
 
 def _unchecked(block: Block, why: str) -> BlockResult:
@@ -401,24 +532,29 @@ def _run_full(
     problem: FlatProblem,
     ev: Evaluator,
     g: np.ndarray,
-    f0: float,
+    at0: StartingPoint,
     tol: Tolerance,
     options: CheckOptions,
     numeric_all: np.ndarray,
+    broken: dict[int, BlockResult],
 ) -> tuple[list[BlockResult], str | None]:
     """Full mode, block by block (each block's numerical gradient into ``numeric_all``):
     the block results, and why the blocks after some were not checked (the budget)."""
     blocks: list[BlockResult] = []
     issue: str | None = None
+    at0.value  # noqa: B018 (the starting point first: a loss not finite there is an input error)
     h = base_steps(problem.theta0, tol)
     grad_scale = float(np.max(np.abs(g))) if g.size else 0.0
     for block in problem.blocks:
         if issue is not None:
             blocks.append(_unchecked(block, "not checked: the evaluation budget ran out"))
             continue
+        if id(block) in broken:
+            blocks.append(broken[id(block)])
+            continue
         try:
             result, numeric = _FullBlock(
-                ev, block, g, h, f0, tol, grad_scale, options.max_refine
+                ev, block, g, h, at0.value, tol, grad_scale, options.max_refine
             ).run()
         except BudgetExhausted:
             issue = (
@@ -433,16 +569,59 @@ def _run_full(
 
 
 def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
-    """Check ``problem``'s analytic gradient; the whole of the core in one call."""
+    """Check ``problem``'s analytic gradient; the whole of the core in one call.
+
+    The core's own arithmetic ignores NumPy's floating-point errors (whatever the caller
+    set with ``np.seterr``: the verdict must not depend on it); the model's code runs
+    under the caller's settings, as it would without gradcheck. Thread-local, and the
+    caller's settings are back afterwards.
+    """
+    caller: dict[str, Any] = dict(np.geterr())
+    with np.errstate(all="ignore"):
+        return _run_check(problem, options, caller)
+
+
+def _under(settings: dict[str, Any], problem: FlatProblem) -> FlatProblem:
+    """``problem`` whose functions (the model's code) run under NumPy error ``settings``."""
+
+    def theirs(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            with np.errstate(**settings):
+                return fn(*args)
+
+        return call
+
+    batch = problem.loss_batch
+    return replace(
+        problem,
+        loss=theirs(problem.loss),
+        gradient=theirs(problem.gradient),
+        loss_batch=None if batch is None else theirs(batch),
+        prepare=None,
+    )
+
+
+def _run_check(problem: FlatProblem, options: CheckOptions, caller: dict[str, Any]) -> Report:
     start = time.perf_counter()
     mode, reason = _choose_mode(options.mode, problem.size)
     if problem.prepare is not None:
-        problem = problem.prepare(_expected_evaluations(mode, problem.size))
+        with np.errstate(**caller):
+            problem = problem.prepare(_expected_evaluations(mode, problem.size))
+    problem = _under(caller, problem)
     tol = options.tolerance(problem.precision)
+    _check_start(problem)
     ev = Evaluator(problem, options.max_evals)
     warnings = list(problem.notes)
     g = _analytic(problem)
     ev.charge(1)
+    # blocks whose analytic gradient is NaN or Inf fail as they are; the others are checked
+    # with those entries set to 0 (full mode never looks at them; fast mode's directions
+    # then disagree only within those blocks, whose verdicts are replaced)
+    broken = {
+        id(b): _not_finite(b, g) for b in problem.blocks if not np.all(np.isfinite(g[b.slice]))
+    }
+    if broken:
+        g = np.where(np.isfinite(g), g, 0.0)
     at0 = StartingPoint(ev)  # the loss at theta0, evaluated (twice) when first needed
     blocks: list[BlockResult] = []
     numeric_all: np.ndarray | None = None
@@ -450,7 +629,7 @@ def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
     try:
         if mode == "full":
             numeric_all = np.full(problem.size, np.nan)
-            blocks, issue = _run_full(problem, ev, g, at0.value, tol, options, numeric_all)
+            blocks, issue = _run_full(problem, ev, g, at0, tol, options, numeric_all, broken)
         else:
             from ._fast import run_fast
 
@@ -469,6 +648,7 @@ def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
             _unchecked(b, "not checked: the evaluation budget ran out") for b in problem.blocks
         ]
         numeric_all = None
+    blocks = [broken.get(id(b), r) for b, r in zip(problem.blocks, blocks, strict=True)]
     return Report(
         blocks=tuple(blocks),
         mode=mode,
@@ -487,6 +667,21 @@ def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
         problem=issue,
         numeric=numeric_all,
     )
+
+
+def _check_start(problem: FlatProblem) -> None:
+    """The starting point must be finite: a step from an Inf or NaN parameter means nothing."""
+    theta = problem.theta0
+    if np.all(np.isfinite(theta)):
+        return
+    for block in problem.blocks:
+        part = theta[block.slice]
+        if not np.all(np.isfinite(part)):
+            i = int(np.flatnonzero(~np.isfinite(part))[0])
+            raise NonFiniteError(
+                f"`{block.name}` is not finite at the starting point "
+                f"(entry {block.index(i)} is {part[i]}); check at finite values"
+            )
 
 
 def check_flat(
@@ -568,3 +763,15 @@ def _read_only(view: np.ndarray) -> np.ndarray:
     view = view.view()
     view.flags.writeable = False
     return view
+
+
+def full_block(
+    ev: Evaluator, block: Block, g: np.ndarray, f0: float, tol: Tolerance
+) -> BlockResult:
+    """Full mode's verdict on one block (fast mode's fallback where a direction cannot be
+    measured: full mode measures such entries from one side)."""
+    h = np.zeros(ev.theta0.size)
+    h[block.slice] = base_steps(ev.theta0[block.slice], tol)
+    grad_scale = float(np.max(np.abs(g))) if g.size else 0.0
+    result, _ = _FullBlock(ev, block, g, h, f0, tol, grad_scale, CheckOptions().max_refine).run()
+    return result

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+#: mismatches within this relative error are "small": no factor or term is missing
+SMALL_RELATIVE = 1e-3
+
 
 def _factor_hint(c: float) -> str:
     if abs(c - 2.0) < 1e-3:
@@ -59,6 +62,22 @@ def diagnose(
             return "the analytic gradient is the transpose of the numeric one"
     few = k <= 3 and k < 0.5 * n
     nonzero = num != 0
+    if np.all(nonzero):
+        with np.errstate(invalid="ignore", over="ignore"):
+            rel = np.abs(a / num - 1.0)
+        if np.all(rel < SMALL_RELATIVE):
+            worst = float(rel.max())
+            if few:
+                return (
+                    f"only {k} of {n:,} entries disagree, by at most {worst:.1e} relative "
+                    "(a small error in a few entries, not a wrong term)"
+                )
+            return (
+                f"analytic and numeric agree to within {worst:.1e} relative at every mismatch: "
+                "a small, spread error, typical of a backward that is approximate by design "
+                "(an iterative solver, a clamped dual, a truncated series); if that is "
+                f"expected, set rtol above {worst:.1e}"
+            )
     if few:
         ratios = ", ".join(f"{r:.4g}" for r in (a / num)[nonzero][:3]) if np.any(nonzero) else ""
         tail = f"; analytic / numeric = {ratios}" if ratios else ""

@@ -75,6 +75,9 @@ PINPOINT_MARGIN = 4.0
 #: entries per piece where an O(P) computation is done piecewise (no O(P) temporaries:
 #: a fresh array of a million entries costs milliseconds of page faults)
 CHUNK = 1 << 16
+#: a block along which the loss is not finite on both sides is checked entry by entry (as
+#: full mode does) up to this many entries; above, it is unresolved
+ENTRYWISE_LIMIT = 20_000
 #: a direction that fails across this many blocks or fewer is checked on each block;
 #: across more, the blocks are halved until groups this small remain
 SCAN_BLOCKS = 8
@@ -102,6 +105,8 @@ class _Verdict:
     # likely and at most: the truncation seen between the two steps, plus round-off of one
     # unit or of ``tol.noise`` units per loss value (inf: not measured)
     noise: tuple[float, float] = (math.inf, math.inf)
+    unmeasured: bool = False  # the loss is not finite on both sides at any step tried
+    invisible: bool = False  # passed: the loss is flat and g . v too small to show
 
     @property
     def residual(self) -> float:
@@ -119,6 +124,11 @@ class _Line:
         self.ev, self.g, self.start, self.tol = ev, g, start, tol
         self._positions: np.ndarray | None = None
         self._scratch: np.ndarray | None = None
+        #: the largest allowance of a direction that agreed (what a block's share of
+        #: ``g . v`` must stand out from to be resolved), and the first direction across all
+        #: blocks that agreed (see `_Probe.resolved`)
+        self.allowance = 0.0
+        self.direction: np.ndarray | None = None
 
     @property
     def f0(self) -> float:
@@ -204,6 +214,7 @@ class _Line:
         count: int,
         refine: bool = True,
         defer: bool = False,
+        resolve: float | None = None,
     ) -> _Verdict:
         """``g . v`` against the numerical derivative along ``v`` (``count`` entries take part).
 
@@ -214,7 +225,9 @@ class _Line:
         better than with the analytic value, and the gap between the one-sided
         derivatives halves with the step, so no kink lies within it) is returned
         unrefined and marked provisional: the caller must confirm it (localisation
-        confirms it by naming a wrong entry, itself refined) or refine it.
+        confirms it by naming a wrong entry, itself refined) or refine it. With ``resolve``,
+        a direction that agrees is refined too (with larger steps where round-off
+        dominates) until ``safety * error`` is at most ``resolve``, where it can be.
         """
         tol, g = self.tol, self.g
         analytic = float(np.dot(g[support], v[support]))
@@ -228,21 +241,32 @@ class _Line:
             ok = abs(analytic - numeric) <= allowed if passed is None else passed
             return _Verdict(ok, analytic, numeric, error, allowed, step / tol.step, noise=noise)
 
+        if not (math.isfinite(fp) and math.isfinite(fm)):
+            # not measurable along this direction: narrowed down to blocks, where full
+            # mode's one-sided differences take over (see `_Probe.run`)
+            return replace(verdict(math.nan, math.inf, False), unmeasured=True)
         # a direction that agrees is settled by the two values alone, without f(theta0)
         level = max(abs(fp), abs(fm))
+        def settled(result: _Verdict) -> bool:
+            if result.passed:
+                self.allowance = max(self.allowance, result.allowed)
+            if resolve is None:
+                return result.passed
+            return result.passed and tol.safety * result.error <= resolve
+
         result = verdict((fp - fm) / (2.0 * step), float(central_roundoff(tol, level, 2.0 * step)))
-        if result.passed:
+        if settled(result):
             return result
         first = line_data(self.f0, fp, fm, step)  # the starting point, and so the determinism check
         roundoff = float(first.roundoff(tol)[0])
         result = verdict(float(first.central[0]), roundoff)
-        if result.passed:
+        if settled(result):
             return result
         value, error, small = self.richardson2(v, support, first, step)
         truncation = 4.0 / 3.0 * abs(float(first.central[0]) - float(small.central[0]))
         noise = (truncation + roundoff / tol.noise, truncation + roundoff)
         result = verdict(value, error)
-        if result.passed:
+        if settled(result):
             return result
         if defer and _smooth_disagreement(first, small, analytic, tol):
             return replace(result, provisional=True)
@@ -250,6 +274,8 @@ class _Line:
             return result
         ev, f0 = self.ev, self.f0
         wanted = result.allowed - tol.safety * result.error
+        if resolve is not None:
+            wanted = min(wanted, resolve)
         r = refine_until_resolved(
             lambda factor, sel: line_differences(ev, v, step * factor, f0, support),
             first,
@@ -257,14 +283,13 @@ class _Line:
             np.array([wanted]),
         )
         result = verdict(float(r.numeric[0]), float(r.error[0]))
-        if result.passed:
-            return result
         # a loss that did not change at all at any step cannot show a directional derivative
         # whose effect over the largest step is below the resolution of values of
         # magnitude max(|f|, 1) (as full mode judges an entry)
         resolution = tol.noise * tol.eps * max(abs(f0), 1.0)
-        if bool(r.flat[0]) and abs(analytic) * REFINE_FACTORS[0] * step <= resolution:
-            return verdict(result.numeric, result.error, True)
+        invisible = bool(r.flat[0]) and abs(analytic) * REFINE_FACTORS[0] * step <= resolution
+        if result.passed or invisible:
+            return replace(verdict(result.numeric, result.error, True), invisible=invisible)
         if not bool(r.kink[0]):
             return result
         slack = result.allowed + tol.safety * float(r.one_sided_noise[0])
@@ -560,6 +585,8 @@ class _Probe:
         for v in directions:
             # the first failure may stay unrefined if it looks smooth: localisation confirms it
             verdict = self.line.check(v, b.slice, b.size, defer=not failures)
+            if verdict.unmeasured:
+                return self.entrywise(b)
             if not verdict.passed:
                 failures.append((v, verdict))
         result = _passed(b, self.g, probes)
@@ -575,6 +602,66 @@ class _Probe:
                     return result
                 v, verdict = failures[0]
         return _failed(result, len(failures), found, finished, verdict.analytic, verdict.numeric)
+
+
+    def entrywise(self, b: Block) -> BlockResult:
+        """The block checked entry by entry, as full mode does (the loss is not finite on
+        both sides along a direction: full mode measures such entries from one side), up to
+        `ENTRYWISE_LIMIT` entries; above, the block is unresolved."""
+        from ._check import full_block
+
+        if b.size > ENTRYWISE_LIMIT:
+            return replace(
+                _passed(b, self.g, 1),
+                unresolved=1,
+                note=(
+                    "the loss is not finite on both sides along the probe, at any step tried; "
+                    "run mode='full' to measure its entries one side at a time"
+                ),
+            )
+        return full_block(self.ev, b, self.g, self.line.f0, self.tol)
+
+    def resolved(self, b: Block, directions: list[np.ndarray], result: BlockResult) -> BlockResult:
+        """``result`` (passed) as it is where the directions resolved the block: their
+        allowance is at most `RESOLUTION` times the block's share of ``g . v``. Otherwise
+        (a block of gradients far below the loss's magnitude) the block is probed alone
+        with larger steps; still unresolved, it is inconclusive."""
+        from ._check import RESOLUTION
+
+        line, tol = self.line, self.tol
+        v = directions[0] if directions else line.direction
+        if v is None:
+            return result
+        share = _share(self.g, v, b.slice)
+        if line.allowance <= RESOLUTION * share:
+            return result
+        verdict = line.check(v, b.slice, b.size, resolve=RESOLUTION * share)
+        if not verdict.passed:
+            found, finished = self.localize(v, verdict)
+            return _failed(result, 1, found, finished, verdict.analytic, verdict.numeric)
+        if tol.safety * verdict.error <= RESOLUTION * max(
+            share, abs(verdict.analytic), abs(verdict.numeric)
+        ) or verdict.invisible:
+            return result
+        return replace(
+            result,
+            unresolved=1,
+            note=(
+                "unresolved: along the probe, the numerical derivative cannot tell agreement "
+                f"from a bug at any step tried (estimated error {verdict.error:.2g} against "
+                f"a share of {share:.2g}: a gradient far below the loss's magnitude?)"
+            ),
+        )
+
+
+def _share(g: np.ndarray, v: np.ndarray, span: slice) -> float:
+    """``|| g * v ||`` over ``span``: the size of the block's part of ``g . v`` (chunked)."""
+    total = 0.0
+    for start in range(span.start, span.stop, CHUNK):
+        stop = min(start + CHUNK, span.stop)
+        terms = g[start:stop] * v[start:stop]
+        total += float(np.dot(terms, terms))
+    return math.sqrt(total)
 
 
 def _passed(block: Block, g: np.ndarray, probes: int) -> BlockResult:
@@ -726,7 +813,7 @@ def run_fast(
     own gets the full refinement and kink test; those verdicts are the check's, and
     a failing block is localised.
     """
-    rng = np.random.default_rng([options.seed & 0xFFFFFFFF, 0xFA57])
+    rng = np.random.default_rng([options.seed, 0xFA57])  # every bit of the seed counts
     line = _Line(ev, g, start, tol)
     probes = options.probes
     results: dict[int, BlockResult] = {}  # by id() of the block
@@ -784,9 +871,19 @@ def run_fast(
 
     blocks = list(problem.blocks)
     failing = []  # only directions that fail are kept (O(P) each)
+    everything = _span(blocks)
     for _ in range(probes):
-        failing += screen(blocks, [_direction(rng, problem, tol)])
+        v = _direction(rng, problem, tol)
+        verdict = line.check(v, everything, problem.size, refine=False, defer=True)
+        if not verdict.passed:
+            failing.append((v, verdict))
+            continue
+        if line.direction is None:
+            line.direction = v
     settle(blocks, failing)
+    for b in blocks:  # a block whose share of g . v was below what the directions resolve
+        if results[id(b)].passed and (line.direction is not None or failing):
+            results[id(b)] = _Probe(line, [b]).resolved(b, [v for v, _ in failing], results[id(b)])
     warnings = []
     if any(r.mismatches for r in results.values()):
         warnings.append(

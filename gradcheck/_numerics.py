@@ -411,6 +411,8 @@ def subset(d: Differences, sel: np.ndarray) -> Differences:
 
 #: further refinements, from steps this much smaller, for entries whose error stays too large
 DEEPER = (1.0 / 16.0, 1.0 / 256.0)
+#: ... and from steps this much larger, where the error is round-off (tiny gradients)
+GROW = (16.0, 256.0)
 
 
 def refine_until_resolved(
@@ -419,16 +421,22 @@ def refine_until_resolved(
     tol: Tolerance,
     wanted: np.ndarray,
 ) -> Refined:
-    """`refine`, repeated from smaller steps where the error estimate stays above ``wanted``.
+    """`refine`, repeated from other steps where the error estimate stays above ``wanted``.
 
     ``at(factor, sel)`` evaluates the differences of the entries ``sel`` with their
     first-pass steps scaled by ``factor``. Where ``safety * error`` exceeds the
     resolution the tolerance asks for (``wanted``, per entry), the numbers cannot
-    tell a small bug from numerical error: a loss whose curvature scale is far below
-    the step (``log`` or ``1/x`` of a tiny entry, a kink within the step) is then
-    probed 16x and 256x closer, keeping whichever estimate has the smaller error.
-    Where the error is round-off already, smaller steps cannot help (round-off
-    grows as the step shrinks), and they are not tried.
+    tell a small bug from numerical error. Two causes, two remedies:
+
+    - truncation: a loss whose curvature scale is far below the step (``log`` or
+      ``1/x`` of a tiny entry, a kink within the step) is probed 16x and 256x closer;
+    - round-off: a gradient far below the loss's own magnitude (the early layers of a
+      deep network whose gradients vanish, 1e-11 against a loss of 1) changes the loss
+      by less than its round-off at the default step, and the truncation error scales
+      with the same tiny higher derivatives: it is probed 16x and 256x farther.
+
+    Each keeps whichever estimate has the smaller error; the entries where it still
+    stays above ``wanted`` may be unresolved (see `gradcheck._check.unresolved`).
     """
     everyone = np.arange(len(first.fp))
     r = refine(lambda factor: at(factor, everyone), first, tol)
@@ -439,17 +447,66 @@ def refine_until_resolved(
             weak = np.flatnonzero(~(tol.safety * r.error <= wanted) & could_help)
         if not weak.size:
             break
-
-        def closer(factor: float, shrink: float = shrink, weak: np.ndarray = weak) -> Differences:
-            return at(shrink * factor, weak)
-
-        deeper = refine(closer, closer(1.0), tol)
+        _refine_from(at, r, weak, shrink, tol, taken_at)
+    for grow in GROW:
         with np.errstate(invalid="ignore"):
-            # a loss that stops changing at the smaller steps is below its resolution there
-            better = (deeper.error < r.error[weak]) & ~deeper.flat
-        r.take(weak[better], deeper, better)
-        taken_at[weak[better]] = shrink
+            # round-off dominates: the error is within a few times the model's round-off at
+            # the largest steps (or the loss did not change at all), and no kink
+            roundoff = (r.error <= 4.0 * r.floor) | r.flat
+            weak = np.flatnonzero(~(tol.safety * r.error <= wanted) & roundoff & ~r.kink)
+        if not weak.size:
+            break
+        _refine_from(at, r, weak, grow, tol, taken_at)
     return r
+
+
+def _refine_from(
+    at: Callable[[float, np.ndarray], Differences],
+    r: Refined,
+    weak: np.ndarray,
+    factor: float,
+    tol: Tolerance,
+    taken_at: np.ndarray,
+) -> None:
+    """Refine the entries ``weak`` from steps ``factor`` times their first-pass steps and
+    keep, per entry, whichever of the two estimates has the smaller error (in ``r``)."""
+
+    def scaled(f: float) -> Differences:
+        return at(factor * f, weak)
+
+    other = refine(scaled, scaled(1.0), tol)
+    with np.errstate(invalid="ignore"):
+        # a loss that stops changing at the smaller steps is below its resolution there
+        better = (other.error < r.error[weak]) & ~(other.flat & (factor < 1.0))
+    r.take(weak[better], other, better)
+    taken_at[weak[better]] = factor
+
+
+def one_sided(
+    ev: Evaluator, idx: np.ndarray, h: np.ndarray, sign: np.ndarray, f0: float, tol: Tolerance
+) -> tuple[np.ndarray, np.ndarray]:
+    """Derivatives of entries ``idx`` from one side only: (estimate, error estimate).
+
+    Where the loss is finite on one side of an entry and not on the other (a domain
+    boundary at the point itself), ``sign`` (+1 or -1 per entry) names the side. The
+    second-order one-sided formula ``(-3 f0 + 4 f(s) - f(2 s)) / (2 s)`` (``s`` the
+    signed step) at steps ``h`` and ``h/2`` is extrapolated (its error is O(h**2)); the
+    error estimate is the extrapolation's own correction plus round-off. Three
+    evaluations per entry. Non-finite values give an infinite error.
+    """
+    theta = ev.theta0[idx]
+    points = [ev.representable(theta + sign * h * k) for k in (0.5, 1.0, 2.0)]
+    f_half, f_one, f_two = (ev.coordinates(idx, p) for p in points)
+    s = np.abs(points[1] - theta)  # the steps actually taken
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        coarse = sign * (-3.0 * f0 + 4.0 * f_one - f_two) / (2.0 * s)
+        fine = sign * (-3.0 * f0 + 4.0 * f_half - f_one) / s
+        value = fine + (fine - coarse) / 3.0
+        level = np.maximum(np.maximum(np.abs(f_half), np.abs(f_one)), abs(f0))
+        roundoff = tol.noise * tol.eps * level * 8.0 / s
+        error = np.abs(fine - coarse) / 3.0 + roundoff
+    bad = ~(np.isfinite(value) & np.isfinite(error))
+    return np.where(bad, np.nan, value), np.where(bad, np.inf, error)
 
 
 def line_differences(

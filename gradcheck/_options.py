@@ -67,6 +67,8 @@ class CheckOptions:
             raise InvalidOptionError(f"mode must be one of {MODES}; got {self.mode!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InvalidOptionError(f"seed must be an int; got {self.seed!r}")
+        if not 0 <= self.seed < 2**64:
+            raise InvalidOptionError(f"seed must be an int in [0, 2**64); got {self.seed!r}")
         for name in ("rtol", "atol"):
             value = getattr(self, name)
             if value is None:

@@ -10,19 +10,24 @@ record and never imports a framework; adapters only evaluate.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from . import _memory
-from ._errors import GradcheckInputError, NothingToCheckError, ShapeMismatchError
+from ._errors import (
+    GradcheckInputError,
+    InvalidOptionError,
+    NothingToCheckError,
+    ShapeMismatchError,
+)
 
 BlockKind = Literal["param", "input"]
 Precision = Literal["float64", "float32", "float16", "bfloat16"]
 
-__all__ = ["Block", "FlatProblem", "output_projection"]
+__all__ = ["Block", "FlatProblem", "check_container", "output_projection"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,9 @@ class FlatProblem:
             raise ShapeMismatchError(
                 f"blocks cover {offset} entries; theta0 has {self.theta0.size}"
             )
+        if not self.theta0.size:
+            names = ", ".join(f"`{b.name}` {b.shape}" for b in self.blocks)
+            raise NothingToCheckError(f"nothing to check: every block is empty ({names})")
         if self.max_batch < 1:
             raise GradcheckInputError(f"max_batch must be >= 1; got {self.max_batch}")
 
@@ -144,7 +152,7 @@ def output_projection(shape: tuple[int, ...], seed: int, index: int = 0) -> np.n
     position of the output among several, e.g. an LSTM's ``(out, (h, c))``) only,
     so every adapter projects the same output onto the same direction.
     """
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5EED, int(index)])
+    rng = np.random.default_rng([int(seed), 0x5EED, int(index)])  # every bit of the seed
     return rng.standard_normal(shape)
 
 
@@ -159,3 +167,13 @@ def block_layout(
         blocks.append(block)
         offset += block.size
     return tuple(blocks)
+
+
+def check_container(x: Any, name: str = "x") -> None:
+    """Reject a one-shot iterable (a generator, ``map``, ``zip``, a file) as a model's input:
+    it would be used up by the first evaluation. One line, naming what came."""
+    if isinstance(x, Iterator):
+        raise InvalidOptionError(
+            f"{name} must be an array, a tuple, list or dict of arrays, or None; got a "
+            f"{type(x).__name__}, which can be iterated only once (pass a tuple or list)"
+        )

@@ -77,7 +77,13 @@ class BlockResult:
         kinks: entries where the loss is not differentiable within the step and the
             analytic value is a valid one-sided derivative (not counted as mismatches).
         kink_examples: a few of those entries.
-        max_abs_diff, max_rel_diff: the largest differences among the mismatches.
+        max_abs_diff, max_rel_diff: the largest differences over the entries measured
+            (full mode; a passing block's too), or along the failing direction (fast mode).
+        unresolved: entries (full mode) or directions (fast mode) whose numerical derivative
+            could not be measured closely enough to tell agreement from a bug, at any step
+            tried (or not at all: the loss is not finite around them). They are neither
+            mismatches nor agreement: a block with any is inconclusive and fails.
+        unresolved_examples: a few of those entries.
         scale: the largest numerical gradient magnitude in the block.
         diagnosis: a sentence naming the likely kind of bug, where the data show one.
         localized: fast mode only: how many wrong entries localisation named.
@@ -99,10 +105,18 @@ class BlockResult:
     diagnosis: str | None = None
     localized: int | None = None
     note: str | None = None
+    unresolved: int = 0
+    unresolved_examples: tuple[Entry, ...] = ()
 
     @property
     def passed(self) -> bool:
-        return self.mismatches == 0
+        """Every entry (or direction) checked, none disagrees, none is unresolved."""
+        return self.mismatches == 0 and self.unresolved == 0 and self.checked > 0
+
+    @property
+    def inconclusive(self) -> bool:
+        """Nothing disagrees, but not everything could be verified (or nothing was checked)."""
+        return self.mismatches == 0 and not self.passed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +136,8 @@ class BlockResult:
             "kink_examples": [e.to_dict() for e in self.kink_examples],
             "localized": self.localized,
             "note": self.note,
+            "unresolved": self.unresolved,
+            "unresolved_examples": [e.to_dict() for e in self.unresolved_examples],
         }
 
 
@@ -258,18 +274,26 @@ def _header(report: Report) -> list[str]:
         f"{report.mode} mode, {report.precision}, {report.evaluations:,} evaluations, "
         f"{report.elapsed:.2f}s"
     )
+    n = len(report.blocks)
+    wrong = [b for b in report.blocks if b.mismatches]
+    vague = [b for b in report.blocks if b.inconclusive]
+
+    def where(k: int) -> str:
+        return "the only block" if n == 1 else f"{k} of {_blocks(n)}"
+
     if report.problem is not None:
         first = f"gradient check inconclusive: {report.problem} ({summary})"
     elif report.passed:
-        first = f"gradients agree in {_blocks(len(report.blocks), 'all ')} ({summary})"
+        first = f"gradients agree in {_blocks(n, 'all ')} ({summary})"
+    elif wrong:
+        first = f"gradients disagree in {where(len(wrong))} ({summary})"
+        if vague:
+            first += f"; {len(vague)} more not verified"
     else:
-        n_bad = len(report.failed_blocks)
-        where = (
-            "the only block"
-            if len(report.blocks) == 1
-            else f"{n_bad} of {_blocks(len(report.blocks))}"
+        first = (
+            f"gradient check inconclusive: {where(len(vague))} could not be verified "
+            f"({summary})"
         )
-        first = f"gradients disagree in {where} ({summary})"
     if report.mode == "fast":
         formula = (
             f"test per random direction: |analytic - numeric| <= {report.safety:g}*estimated error"
@@ -312,8 +336,15 @@ def _block_lines(b: BlockResult, fast: bool) -> list[str]:
         f"  mismatched: {b.mismatches:,} / {b.checked:,} {unit} ({_pct(b.mismatches, b.checked)})"
         f"   max abs diff {_small(b.max_abs_diff)}   max rel diff {_small(b.max_rel_diff)}"
     )
+    if b.unresolved:
+        lines.append(
+            f"  not verified: {b.unresolved:,} {unit} unresolved (the numerical derivative "
+            "cannot tell agreement from a bug)"
+        )
     if b.worst:
         lines.extend(_entry_table(b.worst))
+    elif b.unresolved_examples:
+        lines.extend(_entry_table(b.unresolved_examples))
     if b.diagnosis:
         lines.append(f"  diagnosis: {b.diagnosis}")
     if b.localized is not None:
@@ -330,12 +361,22 @@ def render(report: Report) -> str:
     lines = _header(report)
     fast = report.mode == "fast"
     for b in report.failed_blocks:
+        if b.checked == 0 and not b.unresolved:
+            continue  # listed below as not checked
         lines.append("")
         lines.extend(_block_lines(b, fast))
     passed = [b for b in report.blocks if b.passed]
-    if passed:
+    unchecked = [b for b in report.blocks if b.checked == 0 and not b.unresolved]
+    if passed or unchecked:
         lines.append("")
+    if passed:
         lines.append("passed: " + ", ".join(f"`{b.name}` {_shape(b.shape)}" for b in passed))
+    if unchecked:
+        lines.append(
+            "not checked: "
+            + ", ".join(f"`{b.name}` {_shape(b.shape)}" for b in unchecked)
+            + (f" ({unchecked[0].note})" if unchecked[0].note else "")
+        )
     kinked = [b for b in report.blocks if b.kinks]
     if kinked:
         lines.append(

@@ -19,6 +19,7 @@ from gradcheck import (
     Block,
     GradientCheckError,
     InvalidOptionError,
+    ModelError,
     NonFiniteError,
     NothingToCheckError,
     ShapeMismatchError,
@@ -243,8 +244,15 @@ def test_non_finite_gradient_names_the_block():
             self.grads["b"] = self.grads["b"] * np.nan
             return dx
 
-    with pytest.raises(NonFiniteError, match="analytic gradient of `b` is not finite"):
-        check_gradients(Broken(2, 2), np.ones((1, 2)), None)
+    for mode in ("full", "fast"):
+        report = check_gradients(Broken(2, 2), np.ones((1, 2)), None, mode=mode)
+        assert not report.passed
+        assert [b.name for b in report.failed_blocks] == ["b"]
+        bad = report.block("b")
+        assert bad.mismatches == 2 and all(np.isnan(e.analytic) for e in bad.worst)
+        assert "NaN at 2 of 2 entries" in bad.diagnosis
+        # the other blocks are still checked, and pass
+        assert report.block("W").passed and report.block("input").passed
     with pytest.raises(NonFiniteError, match="the loss is not finite"):
         check_flat(lambda t: float("inf"), lambda t: t, np.ones(2))
     assert check_gradients(layer, np.ones((1, 2)), None).passed
@@ -310,8 +318,9 @@ def test_the_users_model_is_untouched_also_when_it_raises():
 
     model = Explodes(3, 2, seed=1)
     before = {k: v.copy() for k, v in model.params.items()}
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(ModelError, match="the model's forward raised RuntimeError: boom") as info:
         check_gradients(model, np.ones((2, 3)), None)
+    assert isinstance(info.value.__cause__, RuntimeError)  # the user's traceback is kept
     for k, v in model.params.items():
         assert np.array_equal(v, before[k])
     assert np.array_equal(np.random.get_state()[1], state)
