@@ -267,6 +267,7 @@ class _FullBlock:
         two_sided = np.isfinite(first.central)
         suspicious = np.flatnonzero(~ok & two_sided)
         coarse = np.flatnonzero(ok & two_sided & unresolved_mask(tol, a, numeric, error, scale))
+        coarse = coarse[~self._zero_everywhere(coarse, first)]
         # refinement budget: the worst suspicious entries first, then the coarse ones
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = np.abs(a - numeric)[suspicious] / np.maximum(allowed[suspicious], 1e-300)
@@ -304,6 +305,13 @@ class _FullBlock:
             unrefined=max(suspicious.size - self.max_refine, 0),
         )
         return result, numeric
+
+    def _zero_everywhere(self, entries: np.ndarray, first: Differences) -> np.ndarray:
+        """Which of ``entries`` have an analytic zero and a loss that takes the same value on
+        both sides at the first step (flat, or a jump on both sides: a label compared with
+        ``==``): zero agrees with zero exactly (a piecewise-constant op, an unused
+        parameter, a label). A hidden tiny gradient would move the two sides apart."""
+        return (self.a[entries] == 0) & (first.fp[entries] == first.fm[entries])
 
     def _one_side(
         self,
