@@ -189,7 +189,7 @@ def test_import_error_names_file_and_line(
         (
             "model_crashes",
             "model_crashes",
-            "the check raised FloatingPointError: the forward pass blew up (",
+            "the model's forward raised FloatingPointError: the forward pass blew up",
         ),
     ],
     ids=["unsupported-model", "short-tuple", "model-raises"],
