@@ -266,7 +266,8 @@ class _FullBlock:
             ok[lost] |= unresolved[lost]  # not measured: not a mismatch, not agreement either
         two_sided = np.isfinite(first.central)
         suspicious = np.flatnonzero(~ok & two_sided)
-        coarse = np.flatnonzero(ok & two_sided & unresolved_mask(tol, a, numeric, error, scale))
+        vague = unresolved_mask(tol, a, numeric, error, scale, floor)
+        coarse = np.flatnonzero(ok & two_sided & vague)
         coarse = coarse[~self._zero_everywhere(coarse, first)]
         # refinement budget: the worst suspicious entries first, then the coarse ones
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -282,7 +283,9 @@ class _FullBlock:
                 judged.ok
                 & ~judged.kink
                 & ~judged.invisible
-                & unresolved_mask(tol, a[chosen], numeric[chosen], error[chosen], scale)
+                & unresolved_mask(
+                    tol, a[chosen], numeric[chosen], error[chosen], scale, floor
+                )
             )
         rest_suspicious = rest[~ok[rest]]
         if rest_suspicious.size:
@@ -513,15 +516,24 @@ RESOLUTION = 0.25
 
 
 def unresolved_mask(
-    tol: Tolerance, a: np.ndarray, numeric: np.ndarray, error: np.ndarray, scale: float
+    tol: Tolerance,
+    a: np.ndarray,
+    numeric: np.ndarray,
+    error: np.ndarray,
+    scale: float,
+    floor: float,
 ) -> np.ndarray:
     """Entries whose numerical derivative is too uncertain to tell agreement from a bug:
     ``safety * error`` above `RESOLUTION` times the largest of ``|analytic|``, ``|numeric|``
     and the block's ``scale`` (small entries are judged on their block's scale, as
-    ``atol`` judges them)."""
+    ``atol`` judges them). An analytic value within ``floor`` (the block's absolute
+    tolerance: ``atol`` of its scale, and the round-off of the largest gradient of the
+    model) is zero at the precision of the backward itself: nothing smaller can be
+    asked of it, and it is not unresolved."""
     with np.errstate(invalid="ignore"):
         size = np.maximum(np.maximum(np.abs(a), np.abs(numeric)), scale)
-        return ~(tol.safety * error <= RESOLUTION * size)
+        zero = np.abs(a) <= floor
+        return ~zero & ~(tol.safety * error <= RESOLUTION * size)
 
 
 def _unchecked(block: Block, why: str) -> BlockResult:

@@ -110,8 +110,9 @@ class BlockResult:
 
     @property
     def passed(self) -> bool:
-        """Every entry (or direction) checked, none disagrees, none is unresolved."""
-        return self.mismatches == 0 and self.unresolved == 0 and self.checked > 0
+        """Every entry (or direction) checked, none disagrees, none is unresolved (an empty
+        block has nothing to disagree)."""
+        return self.mismatches == 0 and self.unresolved == 0 and (self.checked > 0 or not self.size)
 
     @property
     def inconclusive(self) -> bool:
@@ -366,7 +367,7 @@ def render(report: Report) -> str:
         lines.append("")
         lines.extend(_block_lines(b, fast))
     passed = [b for b in report.blocks if b.passed]
-    unchecked = [b for b in report.blocks if b.checked == 0 and not b.unresolved]
+    unchecked = [b for b in report.blocks if b.checked == 0 and b.size and not b.unresolved]
     if passed or unchecked:
         lines.append("")
     if passed:

@@ -81,9 +81,6 @@ class Outcome:
         return {k: getattr(self, k) for k in EXPECTED}
 
 
-KNOWN_INCONCLUSIVE = {"nn.functional.multi_head_attention_forward"}
-
-
 def op_label(op: Any) -> str:
     return op.name + (f".{op.variant_test_name}" if op.variant_test_name else "")
 
@@ -317,9 +314,7 @@ def test_opinfo_agreement_and_catches(capsys: pytest.CaptureFixture[str]) -> Non
     text = report(out)
     with capsys.disabled():
         print("\n" + text)
-    # open: our full mode leaves some entries of this op's sample unresolved (inconclusive,
-    # not a mismatch) where torch.autograd.gradcheck passes; see the closing note of #15
-    assert [d for d in out.disagreements if d not in KNOWN_INCONCLUSIVE] == [], text
+    assert out.disagreements == [], text
     assert out.control_passed == out.perturbable, text
     if torch.__version__.startswith(EXPECTED_TORCH):
         assert out.counts() == EXPECTED, text
