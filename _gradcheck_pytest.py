@@ -10,9 +10,19 @@ Settings resolve, per option: keyword argument of the fixture call >
 command-line option > ``gradcheck_*`` ini key > the default of
 ``gradcheck.check_gradients``.
 
-Under pytest-xdist every worker hands its reports to the controller through
-``workeroutput``; the controller merges them, prints the summary and writes
-the ``--gradcheck-report`` file.
+Under pytest-xdist the controller makes a journal folder (a temporary one) and
+hands its name to every worker; each worker appends every check to its own file
+there, one JSON line per check, flushed as it is made, so a worker that crashes
+loses nothing it had already checked. At the end of the session the controller
+merges the files, prints the summary, writes the ``--gradcheck-report`` file
+(which also names the workers that crashed) and removes the folder. A worker
+that cannot reach the folder (another machine), or cannot write to it, hands the
+checks it could not journal over through ``workeroutput`` at its end instead.
+
+The report path is checked at start-up (a usage error if it is a folder or its
+folder cannot be made or written to). ``--gradcheck-report`` is relative to the
+folder pytest was started in, the ``gradcheck_report`` ini key to the ini file's
+folder (pytest's rule for its own path settings).
 """
 
 from __future__ import annotations
@@ -20,11 +30,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
@@ -47,6 +60,7 @@ CALL_KEYWORDS: tuple[str, ...] = (*MARKER_KEYWORDS, "loss")
 MODES = ("auto", "full", "fast")
 WRTS = ("all", "params", "inputs")
 _WORKER_KEY = "gradcheck_records"
+_JOURNAL_KEY = "gradcheck_journal"
 _REPORT_FORMAT = 1
 
 
@@ -57,13 +71,32 @@ class _Session:
     records: list[dict[str, Any]] = field(default_factory=list)
     report_path: Path | None = None
     calls: dict[str, int] = field(default_factory=dict)
+    #: on the xdist controller: the folder of the workers' journals, once a worker is configured
+    journal_dir: Path | None = None
+    #: on an xdist worker: its own journal, appended to as checks are made
+    journal: IO[str] | None = None
+    #: on an xdist worker: how many of ``records`` are in the journal
+    journaled: int = 0
+    #: on the xdist controller: the workers that went down with an error
+    crashed: list[dict[str, str]] = field(default_factory=list)
+    #: what went wrong writing the report, shown in the summary
+    write_error: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, nodeid: str, report: Report) -> None:
-        index = self.calls.get(nodeid, 0)
-        self.calls[nodeid] = index + 1
-        self.records.append(
-            {"nodeid": nodeid, "call": index, "passed": report.passed, "report": report.to_dict()}
-        )
+        record = {"nodeid": nodeid, "passed": report.passed, "report": report.to_dict()}
+        with self.lock:  # a test may run checks in threads
+            index = self.calls.get(nodeid, 0)
+            self.calls[nodeid] = index + 1
+            record = {"nodeid": nodeid, "call": index, **record}
+            self.records.append(record)
+            if self.journal is not None:
+                try:
+                    self.journal.write(json.dumps(record) + "\n")
+                    self.journal.flush()
+                    self.journaled = len(self.records)
+                except OSError:  # a full disk: the rest go through workeroutput at the end
+                    self.journal = None
 
 
 _SESSION = pytest.StashKey[_Session]()
@@ -171,13 +204,26 @@ def pytest_configure(config: pytest.Config) -> None:
         "gradcheck(**options): options for the `gradcheck` fixture in this test "
         f"({', '.join(MARKER_KEYWORDS)}); a keyword given to the fixture call wins.",
     )
-    state = _Session()
-    path = config.getoption("gradcheck_report") or str(config.getini("gradcheck_report")).strip()
-    if path:
-        state.report_path = Path(config.invocation_params.dir, path)
+    state = _Session(report_path=_report_path(config))
     config.stash[_SESSION] = state
     # Fail early, as a usage error, on a malformed ini value.
     _session_settings(config)
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # an xdist worker: journal every check as it is made
+        state.journal = _open_journal(workerinput)
+    elif state.report_path is not None:  # only the process that writes the report checks it
+        _check_report_path(state.report_path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """pytest-xdist, on the controller: tell a worker where to journal its checks."""
+    state = node.config.stash.get(_SESSION, None)
+    if state is None:
+        return
+    if state.journal_dir is None:
+        state.journal_dir = Path(tempfile.mkdtemp(prefix="gradcheck-xdist-"))
+    node.workerinput[_JOURNAL_KEY] = str(state.journal_dir)
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
@@ -210,24 +256,44 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     workeroutput = getattr(config, "workeroutput", None)
     if workeroutput is not None:  # an xdist worker: the controller merges and writes
-        workeroutput[_WORKER_KEY] = json.dumps(state.records)
+        if state.journal is not None:
+            state.journal.close()
+            state.journal = None
+        if state.journaled < len(state.records):  # no journal (or a failed one): hand over
+            workeroutput[_WORKER_KEY] = json.dumps(state.records[state.journaled :])
         return
+    if state.journal_dir is not None:
+        state.records.extend(_read_journals(state.journal_dir))
+        shutil.rmtree(state.journal_dir, ignore_errors=True)
+        state.journal_dir = None
     if state.report_path is not None:
-        _write_report(state)
+        try:
+            _write_report(state)
+        except OSError as exc:  # the folder went away, the disk filled: say so, fail the run
+            state.write_error = f"cannot write the report {state.report_path}: {exc}"
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
-    """pytest-xdist, on the controller: collect the records of a finished worker."""
+    """pytest-xdist, on the controller: note a crashed worker; take checks handed over."""
     state = node.config.stash.get(_SESSION, None)
+    if state is None:
+        return
+    if error is not None:
+        worker = str(getattr(node, "workerinput", {}).get("workerid", node))
+        state.crashed.append({"worker": worker, "error": str(error)})
     output = getattr(node, "workeroutput", None) or {}
-    if state is not None and _WORKER_KEY in output:
+    if _WORKER_KEY in output:
         state.records.extend(json.loads(output[_WORKER_KEY]))
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     state = config.stash.get(_SESSION, None)
-    if state is None or not state.records or hasattr(config, "workeroutput"):
+    if state is None or hasattr(config, "workeroutput"):
+        return
+    if not (state.records or state.write_error or (state.crashed and state.report_path)):
         return
     terminalreporter.write_sep("-", "gradcheck")
     for line in _summary_lines(state):
@@ -377,7 +443,15 @@ def _summary_lines(state: _Session) -> list[str]:
             + (f"; {len(inconclusive)} inconclusive)" if inconclusive else ")")
         )
     lines.append(f"time in checks: {elapsed:.2f}s")
-    if state.report_path is not None:
+    if state.crashed:
+        workers = ", ".join(c["worker"] for c in state.crashed)
+        lines.append(
+            f"crashed xdist worker{'s' if len(state.crashed) != 1 else ''}: {workers} "
+            "(every check made before the crash is counted)"
+        )
+    if state.write_error is not None:
+        lines.append(f"error: {state.write_error}")
+    elif state.report_path is not None:
         lines.append(f"report: {state.report_path}")
     return lines
 
@@ -399,11 +473,75 @@ def _write_report(state: _Session) -> None:
             "passed": sum(1 for r in records if r["passed"]),
             "failed": sum(1 for r in records if not r["passed"]),
         },
+        "crashed_workers": state.crashed,
         "checks": records,
     }
     path = state.report_path
     assert path is not None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -------------------------------------------------------------- report path and journals
+def _report_path(config: pytest.Config) -> Path | None:
+    """The report file: the option against the invocation folder, the ini key against the
+    ini file's folder (the invocation folder when there is no ini file), as pytest resolves
+    its own path settings."""
+    option = config.getoption("gradcheck_report")
+    if option:
+        return Path(config.invocation_params.dir, os.path.expanduser(option))
+    value = str(config.getini("gradcheck_report")).strip()
+    if not value:
+        return None
+    base = config.inipath.parent if config.inipath is not None else config.invocation_params.dir
+    return Path(base, os.path.expanduser(value))
+
+
+def _check_report_path(path: Path) -> None:
+    """A usage error now, not a traceback at the end, if the report cannot be written there."""
+    where = f"--gradcheck-report / gradcheck_report: cannot write {str(path)!r}"
+    if path.is_dir():
+        raise pytest.UsageError(f"{where}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise pytest.UsageError(
+            f"{where}: cannot make its folder ({exc.strerror or exc})"
+        ) from None
+    try:  # the report is written beside itself, then moved over: the folder must take files
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"):
+            pass
+    except OSError as exc:
+        raise pytest.UsageError(
+            f"{where}: its folder takes no files ({exc.strerror or exc})"
+        ) from None
+
+
+def _open_journal(workerinput: dict[str, Any]) -> IO[str] | None:
+    """An xdist worker's journal in the controller's folder; None when it cannot be reached."""
+    folder = workerinput.get(_JOURNAL_KEY)
+    if not folder or not Path(folder).is_dir():
+        return None
+    name = f"{workerinput.get('workerid', 'worker')}-{os.getpid()}.jsonl"
+    try:
+        return open(Path(folder, name), "a", encoding="utf-8")  # closed at the session end
+    except OSError:
+        return None
+
+
+def _read_journals(folder: Path) -> list[dict[str, Any]]:
+    """Every check the workers journaled; a last line cut short by a crash is dropped."""
+    records: list[dict[str, Any]] = []
+    for path in sorted(folder.glob("*.jsonl")):
+        with open(path, encoding="utf-8") as file:
+            for line in file:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    break  # a crash while writing: only ever the last line
+    return records

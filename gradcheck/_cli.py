@@ -2,8 +2,14 @@
 
 - ``gradcheck demo``: the reference MLP, correct and buggy, through every installed adapter.
 - ``gradcheck check TARGET``: check the cases a user's function returns; for CI. Exit status
-  0 when every case passes, 1 when any check fails, 2 for usage or import errors and for
-  cases that could not be checked (the message names the case).
+  0 only when there was at least one case and every case passed; 1 when a check fails; 2 for
+  usage or import errors, for cases that could not be checked (the message names the case),
+  and for a run that was interrupted.
+
+User code runs inside ``gradcheck check`` (the TARGET's module, its functions, the models), so
+whatever it raises, ``SystemExit`` and ``KeyboardInterrupt`` included, is caught and reported
+as that code's failure: a ``sys.exit(0)`` in a model cannot end the run with status 0.
+``os._exit`` ends the process without Python seeing it, and is out of reach.
 """
 
 from __future__ import annotations
@@ -115,13 +121,19 @@ It must give one case, a tuple (model, x, y) or (model, x, y, loss) (y may be No
 or a list of such cases; or a dict {name: case}. A case may also be a function
 returning a tuple. Each case is checked with gradcheck.check_gradients.
 
-exit status: 0 every case passes; 1 a check fails; 2 a usage or import error, or a
-case that could not be checked (the message names it).
+exit status: 0 every case passes; 1 a check fails; 2 a usage or import error, no
+cases at all, a case that could not be checked (the message names it), or an
+interrupted run. User code that calls sys.exit() is an error of that code (2), not
+an exit of gradcheck.
 """
 
 
 class _UsageError(Exception):
     """Stops ``gradcheck check`` with exit status 2 and this message."""
+
+
+class _Interrupted(Exception):
+    """A ``KeyboardInterrupt`` in ``gradcheck check``: stop, report what ran, exit status 2."""
 
 
 @dataclass
@@ -161,7 +173,20 @@ def _where(exc: BaseException) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):  # sys.exit(0) reads "SystemExit: 0"; say what it was
+        return f"SystemExit({exc.code!r}), sys.exit() was called{_where(exc)}"
     return f"{type(exc).__name__}: {exc}{_where(exc)}"
+
+
+def _user_error(exc: BaseException, doing: str, message: str) -> Exception:
+    """What user code raising ``exc`` while ``doing`` ends ``gradcheck check`` with.
+
+    Any exception, ``SystemExit`` included, is the user code's error (exit status 2, the
+    message names it); a ``KeyboardInterrupt`` interrupts the run (exit status 2 as well).
+    """
+    if isinstance(exc, KeyboardInterrupt):
+        return _Interrupted(f"interrupted while {doing}")
+    return _UsageError(f"{message} {_describe(exc)}")
 
 
 def _import_file(path_text: str) -> Any:
@@ -179,9 +204,11 @@ def _import_file(path_text: str) -> Any:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt too: see the module doc
         sys.modules.pop(module_name, None)
-        raise _UsageError(f"importing {path_text!r} failed: {_describe(exc)}") from exc
+        raise _user_error(
+            exc, f"importing {path_text!r}", f"importing {path_text!r} failed:"
+        ) from exc
     return module
 
 
@@ -191,8 +218,10 @@ def _import_module(module_name: str) -> Any:
         sys.path.insert(0, cwd)
     try:
         return importlib.import_module(module_name)
-    except Exception as exc:
-        raise _UsageError(f"importing module {module_name!r} failed: {_describe(exc)}") from exc
+    except BaseException as exc:
+        raise _user_error(
+            exc, f"importing module {module_name!r}", f"importing module {module_name!r} failed:"
+        ) from exc
 
 
 def _resolve_target(target: str) -> tuple[str, Any]:
@@ -217,6 +246,10 @@ def _resolve_target(target: str) -> tuple[str, Any]:
             obj = getattr(obj, part)
         except AttributeError:
             raise _UsageError(f"{where!r} has no attribute {name!r}") from None
+        except BaseException as exc:  # a module __getattr__ is user code too
+            raise _user_error(
+                exc, f"looking up {name!r}", f"looking up {name!r} in {where!r} raised"
+            ) from exc
     return name, obj
 
 
@@ -224,8 +257,8 @@ def _as_case(value: Any) -> tuple[Any, Any, Any, Any]:
     if callable(value) and not isinstance(value, (tuple, list, dict)):
         try:
             value = value()
-        except Exception as exc:
-            raise _UsageError(f"building the case raised {_describe(exc)}") from exc
+        except BaseException as exc:
+            raise _user_error(exc, "building the case", "building the case raised") from exc
     if not isinstance(value, tuple) or len(value) not in (3, 4):
         what = (
             f"a tuple of length {len(value)}"
@@ -242,8 +275,8 @@ def _collect_cases(name: str, obj: Any) -> list[tuple[str, Any]]:
     if callable(obj) and not isinstance(obj, (tuple, list, dict)):
         try:
             obj = obj()
-        except Exception as exc:
-            raise _UsageError(f"{name}() raised {_describe(exc)}") from exc
+        except BaseException as exc:
+            raise _user_error(exc, f"calling {name}()", f"{name}() raised") from exc
     if isinstance(obj, tuple):
         return [(name, obj)]
     if isinstance(obj, dict):
@@ -255,8 +288,8 @@ def _collect_cases(name: str, obj: Any) -> list[tuple[str, Any]]:
             f"{name} must give a case (model, x, y[, loss]), a list of cases or a dict of "
             f"named cases; got a {type(obj).__name__}"
         )
-    if not cases:
-        raise _UsageError(f"{name} gave no cases")
+    if not cases:  # nothing checked is not a pass
+        raise _UsageError(f"{name} gave no cases (an empty {type(obj).__name__}): nothing to check")
     return cases
 
 
@@ -360,7 +393,7 @@ def _run_check(args: argparse.Namespace) -> int:
     try:
         name, obj = _resolve_target(args.target)
         todo = _collect_cases(name, obj)
-    except _UsageError as exc:
+    except (_UsageError, _Interrupted) as exc:
         error = str(exc)
         todo = []
     progress = _Progress(err, len(todo))
@@ -373,17 +406,29 @@ def _run_check(args: argparse.Namespace) -> int:
             case.report = check_gradients(model, x, y, loss=loss, **settings)
         except _UsageError as exc:
             case.error = str(exc)
-        except GradcheckInputError as exc:
-            case.error = f"{type(exc).__name__}: {exc}"
-        except Exception as exc:  # the model itself failed: no verdict, name the case
+        except GradcheckInputError as exc:  # the model's own error, if any, says where
+            cause = exc.__cause__
+            case.error = f"{type(exc).__name__}: {exc}" + (_where(cause) if cause else "")
+        except (_Interrupted, KeyboardInterrupt):
+            case.error = "interrupted (KeyboardInterrupt)"
+            left = len(todo) - index
+            error = f"interrupted during {case_name}" + (
+                f"; {left} more case{'s' if left != 1 else ''} not checked" if left else ""
+            )
+        except BaseException as exc:  # the model failed (sys.exit() too): no verdict, name it
             case.error = f"the check raised {_describe(exc)}"
         finally:
             progress.stop()
         if args.format == "text":
             _print_case(case, out)
+        if error is not None:
+            break
     elapsed = time.perf_counter() - started
     counts = {s: sum(1 for c in cases if c.status == s) for s in ("pass", "fail", "error")}
-    if error is not None or counts["error"]:
+    not_checked = len(todo) - len(cases)
+    # Exit status 0 only for a run that checked every case it was given, at least one, and
+    # saw each of them pass; anything else that stopped a case, or the run, is 2.
+    if error is not None or counts["error"] or not_checked or not cases:
         status = EXIT_ERROR
     elif counts["fail"]:
         status = EXIT_FAILED
@@ -396,10 +441,11 @@ def _run_check(args: argparse.Namespace) -> int:
         "error": error,
         "options": settings,
         "summary": {
-            "cases": len(cases),
+            "cases": len(todo),
             "passed": counts["pass"],
             "failed": counts["fail"],
             "errors": counts["error"],
+            "not_checked": not_checked,
             "elapsed": elapsed,
         },
         "cases": [c.to_dict() for c in cases],
@@ -409,13 +455,15 @@ def _run_check(args: argparse.Namespace) -> int:
     if args.format == "json":
         json.dump(document, out, indent=2)
         out.write("\n")
-    elif error is None:
-        print(
-            f"gradcheck: {len(cases)} case{'s' if len(cases) != 1 else ''}: "
+    elif cases:
+        summary = (
+            f"gradcheck: {len(todo)} case{'s' if len(todo) != 1 else ''}: "
             f"{counts['pass']} passed, {counts['fail']} failed, {counts['error']} "
-            f"error{'s' if counts['error'] != 1 else ''} ({elapsed:.2f}s)",
-            file=out,
+            f"error{'s' if counts['error'] != 1 else ''}"
         )
+        if not_checked:
+            summary += f", {not_checked} not checked"
+        print(f"{summary} ({elapsed:.2f}s)", file=out)
     if args.json is not None:
         try:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -511,7 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args: Any = parser.parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except SystemExit as exc:  # user code's sys.exit() that slipped past the command's own net
+        print(f"gradcheck {args.command}: error: {_describe(exc)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

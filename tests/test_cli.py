@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -189,7 +191,8 @@ def test_import_error_names_file_and_line(
         (
             "model_crashes",
             "model_crashes",
-            "the model's forward raised FloatingPointError: the forward pass blew up",
+            "ModelError: the model's forward raised FloatingPointError: the forward pass "
+            "blew up ({cases}, line ",
         ),
     ],
     ids=["unsupported-model", "short-tuple", "model-raises"],
@@ -199,7 +202,7 @@ def test_a_case_that_cannot_be_checked_exits_2_and_is_named(
 ) -> None:
     status, out, _ = run(["check", f"{cases}::{target}"], capsys)
     assert status == 2
-    assert f"ERROR {case}: {message}" in out, out
+    assert f"ERROR {case}: {message.format(cases=cases)}" in out, out
 
 
 def test_bad_option_is_a_usage_error(cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -338,3 +341,230 @@ def test_help_lists_both_commands(capsys: pytest.CaptureFixture[str]) -> None:
     for option in ("--mode", "--seed", "--wrt", "--rtol", "--atol", "--max-evals", "--json"):
         assert option in out
     assert "exit status: 0 every case passes; 1 a check fails; 2 a usage or import error" in out
+
+
+# ------------------------------------------------------ only a run that passed exits 0
+#: A cases file whose user code ends the process, or tries to, at STAGE with STATEMENT.
+QUITTING = """
+import os
+import sys
+import time
+
+import numpy as np
+from gradcheck.reference import MLP
+
+STAGE = {stage!r}
+X = np.random.default_rng(0).normal(size=(4, 2))
+Y = np.random.default_rng(1).normal(size=(4, 1))
+GOOD = MLP([2, 3, 1], activation="tanh", seed=0)
+
+
+def quit_here(stage):
+    if stage == STAGE:
+        {statement}
+
+
+class Quits:
+    \"\"\"GOOD, delegated to, except that forward or backward quits (on call AFTER + 1).\"\"\"
+
+    def __init__(self):
+        self.inner = MLP([2, 3, 1], activation="tanh", seed=0)
+        self.forwards = 0
+
+    @property
+    def params(self):
+        return self.inner.params
+
+    @property
+    def grads(self):
+        return self.inner.grads
+
+    def forward(self, x):
+        self.forwards += 1
+        if self.forwards > {after}:
+            quit_here("forward")
+        return self.inner.forward(x)
+
+    def backward(self, dout):
+        quit_here("backward")
+        return self.inner.backward(dout)
+
+
+def builder():
+    quit_here("builder")
+    return GOOD, X, Y
+
+
+quit_here("import")
+
+
+def cases():
+    quit_here("target")
+    return {{
+        "bad": (GOOD.with_bug("factor_2"), X, Y, "mse"),
+        "built": builder,
+        "quits": (Quits(), X, Y),
+        "after": (GOOD, X, Y),
+    }}
+
+
+def only_quits():
+    return {{"quits": (Quits(), X, Y), "after": (GOOD, X, Y)}}
+"""
+
+
+def _run_cli(
+    tmp_path: Path, *argv: str, target: str = "cases", **fill: Any
+) -> subprocess.CompletedProcess[str]:
+    source = QUITTING.format(**{"after": 0, **fill})
+    (tmp_path / "quitting.py").write_text(source, encoding="utf-8")
+    return subprocess.run(
+        [sys.executable, "-m", "gradcheck", "check", f"quitting.py::{target}", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("stage", "statement", "after", "shown"),
+    [
+        ("import", "sys.exit(0)", 0, "SystemExit(0), sys.exit() was called"),
+        ("import", "sys.exit()", 0, "SystemExit(None), sys.exit() was called"),
+        ("import", "raise SystemExit(None)", 0, "SystemExit(None), sys.exit() was called"),
+        ("target", "sys.exit(0)", 0, "SystemExit(0), sys.exit() was called"),
+        ("target", "raise SystemExit", 0, "SystemExit(None), sys.exit() was called"),
+        ("builder", "sys.exit(0)", 0, "SystemExit(0), sys.exit() was called"),
+        ("forward", "sys.exit(0)", 0, "SystemExit(0), sys.exit() was called"),
+        ("forward", "sys.exit()", 0, "SystemExit(None), sys.exit() was called"),
+        ("forward", "sys.exit(0)", 5, "SystemExit(0), sys.exit() was called"),
+        ("backward", "sys.exit(0)", 0, "SystemExit(0), sys.exit() was called"),
+        ("backward", "raise SystemExit(None)", 0, "SystemExit(None), sys.exit() was called"),
+        ("forward", "raise GeneratorExit('odd')", 0, "GeneratorExit: odd"),
+    ],
+    ids=[
+        "import-exit-0",
+        "import-exit",
+        "import-SystemExit-None",
+        "target-exit-0",
+        "target-SystemExit",
+        "builder-exit-0",
+        "forward-exit-0",
+        "forward-exit",
+        "forward-exit-0-mid-check",
+        "backward-exit-0",
+        "backward-SystemExit-None",
+        "forward-GeneratorExit",
+    ],
+)
+def test_user_code_that_exits_never_makes_the_run_exit_0(
+    tmp_path: Path, stage: str, statement: str, after: int, shown: str
+) -> None:
+    done = _run_cli(tmp_path, stage=stage, statement=statement, after=after)
+    assert done.returncode == 2, done.stdout + done.stderr
+    where = f"({tmp_path / 'quitting.py'}, line "
+    if stage in ("import", "target"):  # no case ran: a usage error that names the code
+        assert done.stdout == ""
+        assert done.stderr.startswith("gradcheck check: error: "), done.stderr
+        assert shown in done.stderr and where in done.stderr, done.stderr
+        return
+    # the case that quit is an error; the others still ran, the failure above it still shows
+    assert "FAIL  cases[bad]:" in done.stdout
+    case = "built" if stage == "builder" else "quits"
+    assert f"ERROR cases[{case}]: " in done.stdout
+    error_line = next(ln for ln in done.stdout.splitlines() if ln.startswith("ERROR"))
+    assert shown in error_line and where in error_line, error_line
+    assert "PASS  cases[after]:" in done.stdout
+    assert done.stdout.splitlines()[-1].startswith(
+        "gradcheck: 4 cases: 2 passed, 1 failed, 1 error ("
+    )
+    assert done.stderr == ""
+
+
+def test_user_code_that_exits_without_failures_still_exits_2(tmp_path: Path) -> None:
+    # every other case correct: the exit status alone must tell CI
+    fill = {"stage": "forward", "statement": "sys.exit(0)"}
+    done = _run_cli(tmp_path, "--format", "json", target="only_quits", **fill)
+    assert done.returncode == 2, done.stdout + done.stderr
+    document = json.loads(done.stdout)
+    assert document["passed"] is False
+    assert document["exit_status"] == 2
+    statuses = {c["name"]: c["status"] for c in document["cases"]}
+    assert statuses == {"only_quits[quits]": "error", "only_quits[after]": "pass"}
+
+
+@pytest.mark.parametrize("stage", ["import", "target", "builder", "forward", "backward"])
+def test_an_interrupt_is_not_a_pass(tmp_path: Path, stage: str) -> None:
+    done = _run_cli(
+        tmp_path, "--json", "out.json", stage=stage, statement="raise KeyboardInterrupt"
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    document = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert document["passed"] is False
+    assert document["exit_status"] == 2
+    if stage in ("import", "target"):
+        doing = "importing 'quitting.py'" if stage == "import" else "calling cases()"
+        assert done.stderr == f"gradcheck check: error: interrupted while {doing}\n"
+        assert document["cases"] == []
+        return
+    case = "built" if stage == "builder" else "quits"
+    assert f"ERROR cases[{case}]: interrupted (KeyboardInterrupt)" in done.stdout
+    left = 2 if stage == "builder" else 1  # the run stops: what comes after is not checked
+    plural = "s" if left != 1 else ""
+    assert done.stderr == (
+        f"gradcheck check: error: interrupted during cases[{case}]; "
+        f"{left} more case{plural} not checked\n"
+    )
+    assert f", {left} not checked (" in done.stdout.splitlines()[-1]
+    assert document["summary"]["not_checked"] == left
+    assert document["summary"]["cases"] == 4
+
+
+def test_ctrl_c_during_a_check_exits_2(tmp_path: Path) -> None:
+    """A real SIGINT while a model runs: the run stops, says so, and does not exit 0."""
+    statement = "open('started', 'w').close(); time.sleep(60)"
+    source = QUITTING.format(stage="forward", statement=statement, after=0)
+    (tmp_path / "quitting.py").write_text(source, encoding="utf-8")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gradcheck", "check", "quitting.py::cases"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "started").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the model never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, out + err
+    assert "FAIL  cases[bad]:" in out
+    assert "ERROR cases[quits]: interrupted (KeyboardInterrupt)" in out
+    assert err.endswith("interrupted during cases[quits]; 1 more case not checked\n"), err
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [("[]", "an empty list"), ("{}", "an empty dict")], ids=["list", "dict"]
+)
+def test_no_cases_is_not_a_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, shown: str
+) -> None:
+    path = tmp_path / "nothing.py"
+    path.write_text(f"def cases():\n    return {value}\n\n\nNONE = {value}\n", encoding="utf-8")
+    for name in ("cases", "NONE"):
+        status, out, err = run(["check", f"{path}::{name}", "--format=json"], capsys)
+        assert status == 2
+        assert err == (
+            f"gradcheck check: error: {name} gave no cases ({shown}): nothing to check\n"
+        )
+        assert json.loads(out)["passed"] is False

@@ -1,11 +1,13 @@
 """The pytest plugin (``_gradcheck_pytest``), run through pytester.
 
-Most runs are in-process (fast); the pytest-xdist run and the import-cost check
-use a subprocess.
+Most runs are in-process (fast); the pytest-xdist runs, the torch and JAX runs and
+the import-cost check use a subprocess.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import json
 import subprocess
 import sys
@@ -481,13 +483,18 @@ def test_jax_custom_vjp_bug(gradcheck):
 """
 
 
+def _skip_unless_installed(name: str) -> None:
+    """Skip without importing: what a test imports while ``pytester`` is active is unloaded
+    after it, and torch and jaxlib abort the process when a later test imports them again.
+    So the framework runs in a subprocess only."""
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} is not installed")
+
+
 def test_fixture_with_torch_models(pytester: pytest.Pytester) -> None:
-    # imported here first: the in-process run must not import torch a second time
-    pytest.importorskip("torch")
-    pytest.importorskip("gradcheck.adapters.torch")
-    pytest.importorskip("gradcheck._reference_torch")
+    _skip_unless_installed("torch")
     _write_tests(pytester, TORCH_TESTS)
-    result = pytester.runpytest(*ISOLATE)
+    result = pytester.runpytest_subprocess(*ISOLATE)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -499,11 +506,9 @@ def test_fixture_with_torch_models(pytester: pytest.Pytester) -> None:
 
 
 def test_fixture_with_jax_models(pytester: pytest.Pytester) -> None:
-    pytest.importorskip("jax")
-    pytest.importorskip("gradcheck.adapters.jax")
-    pytest.importorskip("gradcheck._reference_jax")
+    _skip_unless_installed("jax")
     _write_tests(pytester, JAX_TESTS)
-    result = pytester.runpytest(*ISOLATE)
+    result = pytester.runpytest_subprocess(*ISOLATE)
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
@@ -511,3 +516,195 @@ def test_fixture_with_jax_models(pytester: pytest.Pytester) -> None:
             "E       *GradientCheckError: gradients disagree in 2 of 2 blocks*",
         ]
     )
+
+
+# ------------------------------------------------------- the report under xdist crashes
+CRASH_TESTS = """
+import os
+
+@pytest.mark.parametrize("seed", range(6))
+def test_good(gradcheck, seed):
+    gradcheck(MLP([2, 3, 1], seed=seed), X, Y, seed=seed)
+
+def test_crash(gradcheck):
+    gradcheck(GOOD, X, Y, seed=9)
+    os._exit(1)  # the worker dies after its check: the check must still be in the report
+"""
+
+
+def test_xdist_worker_crash_loses_no_check(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("xdist")
+    temp = pytester.mkdir("temp")
+    monkeypatch.setenv("TMPDIR", str(temp))  # where the journal folder goes
+    _write_tests(pytester, CRASH_TESTS)
+    result = pytester.runpytest_subprocess(*ISOLATE, "-n", "2", "--gradcheck-report=r.json")
+    result.assert_outcomes(passed=6, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- gradcheck -*",
+            "models checked: 7 in 7 tests; failed: 0",
+            "crashed xdist worker: gw? (every check made before the crash is counted)",
+        ]
+    )
+    document = _read_report(pytester.path / "r.json")
+    assert document["summary"] == {"checks": 7, "passed": 7, "failed": 0}
+    assert _seeds(document) == {
+        **{f"test_good[{s}]": s for s in range(6)},
+        "test_crash": 9,
+    }
+    (crashed,) = document["crashed_workers"]
+    assert crashed["worker"] in ("gw0", "gw1")
+    assert crashed["error"]
+    assert list(temp.iterdir()) == []  # the journals are merged and removed
+
+
+def test_journal_lines_are_flushed_and_a_cut_line_is_dropped(tmp_path: Path) -> None:
+    """The merge on its own: a worker's journal is readable at any moment of a crash."""
+    import numpy as np
+
+    import _gradcheck_pytest as plugin
+    from gradcheck import check_gradients
+    from gradcheck.reference import MLP
+
+    x = np.random.default_rng(0).normal(size=(4, 2))
+    y = np.random.default_rng(1).normal(size=(4, 1))
+    good = check_gradients(MLP([2, 3, 1], seed=0), x, y)
+    bad = check_gradients(MLP([2, 3, 1], seed=0).with_bug("factor_2"), x, y)
+    journal = plugin._open_journal({plugin._JOURNAL_KEY: str(tmp_path), "workerid": "gw3"})
+    assert journal is not None
+    state = plugin._Session(journal=journal)
+    state.add("t.py::test_a", good)
+    state.add("t.py::test_a", bad)
+    # flushed as made: readable while the file is still open, as after os._exit
+    assert len(list(tmp_path.glob("gw3-*.jsonl"))) == 1
+    assert [(r["nodeid"], r["call"], r["passed"]) for r in plugin._read_journals(tmp_path)] == [
+        ("t.py::test_a", 0, True),
+        ("t.py::test_a", 1, False),
+    ]
+    journal.write('{"nodeid": "t.py::test_b", "call": 0, "pas')  # killed while writing
+    journal.close()
+    other = tmp_path / "gw4-1.jsonl"
+    other.write_text(json.dumps(state.records[0]) + "\n", encoding="utf-8")
+    records = plugin._read_journals(tmp_path)
+    assert len(records) == 3
+    assert records[:2] == state.records
+    assert records[1]["report"] == bad.to_dict()
+    # a worker whose journal folder is not there (another machine) keeps its checks in memory
+    assert plugin._open_journal({plugin._JOURNAL_KEY: str(tmp_path / "gone")}) is None
+    assert plugin._open_journal({}) is None
+
+    # a journal that stops taking lines (a full disk): what it missed goes at the end
+    class Full(io.StringIO):
+        def write(self, text: str) -> int:
+            if len(self.getvalue()) > 0:
+                raise OSError(28, "No space left on device")
+            return super().write(text)
+
+    state = plugin._Session(journal=Full())
+    for report in (good, bad, good):
+        state.add("t.py::test_c", report)
+    assert state.journal is None
+    assert state.journaled == 1
+    assert [r["call"] for r in state.records[state.journaled :]] == [1, 2]
+
+
+# -------------------------------------------------------------- where the report goes
+@pytest.mark.parametrize(
+    ("make", "given", "message"),
+    [
+        ("folder", "out", "it is a folder"),
+        ("file", "afile/report.json", "cannot make its folder (*)"),
+        ("file", "afile/deeper/report.json", "cannot make its folder (*)"),
+    ],
+    ids=["folder", "under-a-file", "deep-under-a-file"],
+)
+@pytest.mark.parametrize("source", ["cmdline", "ini"])
+def test_report_path_that_cannot_be_written_is_a_usage_error(
+    pytester: pytest.Pytester, make: str, given: str, message: str, source: str
+) -> None:
+    if make == "folder":
+        pytester.mkdir("out")
+    else:
+        pytester.makefile("", afile="not a folder")
+    pytester.makepyfile("def test_never_runs():\n    raise AssertionError\n")
+    if source == "ini":
+        pytester.makeini(f"[pytest]\ngradcheck_report = {given}\n")
+        result = pytester.runpytest(*ISOLATE)
+    else:
+        result = pytester.runpytest(*ISOLATE, f"--gradcheck-report={given}")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [f"ERROR: --gradcheck-report / gradcheck_report: cannot write '*{given}': {message}"]
+    )
+    assert "Traceback" not in result.stderr.str() + result.stdout.str()
+    assert not list(pytester.path.rglob("*.tmp"))
+    assert not list(pytester.path.rglob("*.json"))
+
+
+@pytest.mark.parametrize("becomes", ["folder", "file-as-folder"])
+def test_report_that_cannot_be_written_at_the_end_fails_the_run_and_leaves_nothing(
+    pytester: pytest.Pytester, becomes: str
+) -> None:
+    # the path was fine at start-up; a test takes it away
+    _write_tests(
+        pytester,
+        f"""
+        import shutil
+        from pathlib import Path
+
+        def test_takes_the_path(gradcheck):
+            gradcheck(GOOD, X, Y)
+            if {becomes!r} == "folder":
+                Path("reports/r.json").mkdir()
+            else:
+                shutil.rmtree("reports")
+                Path("reports").write_text("now a file")
+        """,
+    )
+    result = pytester.runpytest(*ISOLATE, "--gradcheck-report=reports/r.json")
+    result.assert_outcomes(passed=1)
+    assert result.ret == pytest.ExitCode.INTERNAL_ERROR
+    result.stdout.fnmatch_lines(["error: cannot write the report *r.json: *"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    assert not list(pytester.path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("config_file", ["pytest.ini", "pyproject.toml"])
+def test_ini_report_path_is_relative_to_the_ini_file(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, config_file: str
+) -> None:
+    if config_file == "pytest.ini":
+        pytester.makeini("[pytest]\ngradcheck_report = reports/gradcheck.json\n")
+    else:
+        pytester.makepyprojecttoml(
+            '[tool.pytest.ini_options]\ngradcheck_report = "reports/gradcheck.json"\n'
+        )
+    sub = pytester.mkdir("sub")
+    (sub / "test_models.py").write_text(
+        MODELS + "\n\ndef test_good(gradcheck):\n    gradcheck(GOOD, X, Y)\n", encoding="utf-8"
+    )
+    monkeypatch.chdir(sub)
+    result = pytester.runpytest(*ISOLATE, "-v")
+    result.assert_outcomes(passed=1)
+    report = pytester.path / "reports" / "gradcheck.json"
+    result.stdout.fnmatch_lines([f"gradcheck: *; report: {report}", f"report: {report}"])
+    assert _read_report(report)["summary"]["checks"] == 1
+    assert not (sub / "reports").exists()
+
+
+def test_command_line_report_path_is_relative_to_the_invocation_folder(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytester.makeini("[pytest]\ngradcheck_report = reports/from-ini.json\n")
+    sub = pytester.mkdir("sub")
+    (sub / "test_models.py").write_text(
+        MODELS + "\n\ndef test_good(gradcheck):\n    gradcheck(GOOD, X, Y)\n", encoding="utf-8"
+    )
+    monkeypatch.chdir(sub)
+    result = pytester.runpytest(*ISOLATE, "--gradcheck-report=out/cli.json")
+    result.assert_outcomes(passed=1)
+    assert _read_report(sub / "out" / "cli.json")["summary"]["checks"] == 1
+    assert not (pytester.path / "reports").exists()  # the option wins over the ini key
+    assert not (pytester.path / "out").exists()
