@@ -3,34 +3,45 @@
 What is checked:
 
 * every parameter of an ``nn.Module`` with ``requires_grad=True``, one block per
-  tensor, named as in ``named_parameters()`` (frozen ones are listed in ``skipped``);
+  tensor, named as in ``named_parameters()`` (frozen ones are listed in ``skipped``;
+  complex ones are named in a note and not checked);
 * every floating-point tensor in the input, as blocks ``input`` (one tensor),
   ``input[1]`` (a tuple or list, passed as positional arguments), ``input['key']``
   (a dict, passed as keyword arguments); nested containers are walked the same
   way (``input[0]['a']``). Integer tensors (indices, labels) and other values pass
-  through unchanged.
+  through unchanged; complex ones are named in a note.
 
-The user's module is never written to: every evaluation substitutes our own
-tensors with ``torch.func.functional_call`` (parameters *and* buffers, so a
-BatchNorm in train mode updates our copies of its running statistics, which are
-restored before the next evaluation). By default those tensors are float64
-copies; a model that cannot run in float64 is evaluated in its own dtype and the
-problem says so (``precision`` and a note). Before every evaluation, the
-analytical one included, the torch RNG (CPU, and CUDA when the model lives
-there) is set to a state derived from ``seed`` and the caller's state is restored
-afterwards, so dropout masks are the same in every evaluation.
+The user's module is never written to, nor run: it is deep-copied once per attempt
+(float64, then the model's own precision where float64 is impossible), and the copy's
+own parameters (``nn.Parameter``, views of one working vector) are set to each point evaluated.
+Whatever runs, the forward, a backward that calls the module again (an adjoint method,
+a re-entrant checkpoint) or a hook, sees those parameters; side effects of the forward
+land on the copy. Buffers (a BatchNorm's running statistics) are restored before every
+evaluation. Batched loss evaluations substitute views of many parameter vectors into the
+copy with ``torch.func.functional_call`` under ``torch.func.vmap``, where the model allows
+it. A loss callable that reads the user's module (a weight penalty) sees the evaluated
+tensors: the user's module is substituted (``functional_call``) while the loss runs.
+
+Every evaluation runs outside inference mode, with autograd on or off as it needs
+whatever the caller's grad mode, on fresh tensors (the inputs, the target a loss callable
+receives), holding `gradcheck._state.GLOBAL_STATE` while it sets the torch RNG (CPU, and
+CUDA when the model lives there) to a state derived from ``seed`` and restores the
+caller's, so dropout masks are the same in every evaluation and in every thread.
 
 The adapter does no numerics: it only evaluates ``loss``, ``loss_batch`` (many
 parameter vectors per call with ``torch.func.vmap`` where the model allows it, a
-loop inside one substitution otherwise) and ``gradient`` (autograd).
+loop otherwise) and ``gradient`` (autograd).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -46,6 +57,7 @@ from gradcheck._errors import (
 )
 from gradcheck._losses import canonical_loss_name
 from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
+from gradcheck._state import GLOBAL_STATE
 
 __all__ = ["build_problem", "matches"]
 
@@ -54,8 +66,6 @@ WRT_CHOICES = ("all", "params", "inputs")
 CPU_BATCH_BUDGET = 256 * 2**20
 MAX_VMAP_BATCH = 512
 MAX_LOOP_BATCH = 1024
-# Frameworks whose callables belong to another adapter.
-_FOREIGN_MODULES = ("jax", "jaxlib", "equinox", "flax", "haiku", "numpy")
 
 _PRECISIONS: dict[torch.dtype, Precision] = {
     torch.float64: "float64",
@@ -66,24 +76,47 @@ _PRECISIONS: dict[torch.dtype, Precision] = {
 _RANK = {torch.float64: 3, torch.float32: 2, torch.float16: 1, torch.bfloat16: 0}
 
 
+# An error that shows the model cannot run in float64: a dtype mismatch names a dtype.
+_DTYPE_ERROR = re.compile(r"double|float64|dtype|scalar type", re.IGNORECASE)
+
+
+# torch.utils.checkpoint's warning (use_reentrant=True) when no input requires grad
+_NO_INPUT_REQUIRES_GRAD = "None of the inputs have requires_grad=True"
+
+
 class _NotFloat64(Exception):
     """Raised inside the float64 attempt when the model's output is not float64."""
 
 
+class _Raised(Exception):
+    """The user's code raised during an evaluation: in the model's forward, in the loss
+    callable, or in the backward."""
+
+    WHO: ClassVar[dict[str, str]] = {
+        "forward": "the model's forward",
+        "loss": "the loss",
+        "backward": "the model's backward",
+    }
+
+    def __init__(self, where: str, exc: BaseException) -> None:
+        super().__init__(f"{self.WHO[where]} raised {_first_line(exc)}")
+        self.where = where
+        self.exc = exc
+
+    def model_error(self, when: str) -> ModelError:
+        error = ModelError(f"{self.WHO[self.where]} raised {when}: {_first_line(self.exc)}")
+        error.__cause__ = self.exc
+        return error
+
+
 # --------------------------------------------------------------------------- dispatch
 def matches(model: Any) -> bool:
-    """Whether ``model`` is a torch model: an ``nn.Module``, an ``autograd.Function``
-    subclass, or a plain callable that belongs to no other framework."""
+    """Whether ``model`` is a torch model object: an ``nn.Module`` or an
+    ``autograd.Function`` subclass. A plain callable (``torch.sin``, a lambda of
+    tensors) is routed here by `gradcheck._dispatch`, by the tensors it is given."""
     if isinstance(model, nn.Module):
         return True
-    if isinstance(model, type):
-        return issubclass(model, torch.autograd.Function)
-    if isinstance(model, (tuple, list, dict)) or not callable(model):
-        return False
-    if hasattr(model, "params") and hasattr(model, "backward"):  # the NumPy protocol
-        return False
-    owners = {cls.__module__.split(".")[0] for cls in type(model).__mro__}
-    return not owners.intersection(_FOREIGN_MODULES)
+    return isinstance(model, type) and issubclass(model, torch.autograd.Function)
 
 
 # --------------------------------------------------------------------------- trees
@@ -144,24 +177,28 @@ class _Rng:
         if device.type == "cuda":
             index = device.index if device.index is not None else torch.cuda.current_device()
             gen = torch.cuda.default_generators[index]
-            saved = gen.get_state()
-            try:
-                gen.manual_seed(int(seed))
-                self._cuda_state = gen.get_state()
-            finally:
-                gen.set_state(saved)
+            with GLOBAL_STATE:
+                saved = gen.get_state()
+                try:
+                    gen.manual_seed(int(seed))
+                    self._cuda_state = gen.get_state()
+                finally:
+                    gen.set_state(saved)
             self._cuda = gen
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
-        cpu = torch.default_generator.get_state()
-        cuda = self._cuda.get_state() if self._cuda is not None else None
-        try:
-            yield
-        finally:
-            torch.default_generator.set_state(cpu)
-            if self._cuda is not None and cuda is not None:
-                self._cuda.set_state(cuda)
+        """Save the caller's state and restore it on the way out, holding `GLOBAL_STATE`
+        throughout: a check in another thread cannot reset or restore it in between."""
+        with GLOBAL_STATE:
+            cpu = torch.default_generator.get_state()
+            cuda = self._cuda.get_state() if self._cuda is not None else None
+            try:
+                yield
+            finally:
+                torch.default_generator.set_state(cpu)
+                if self._cuda is not None and cuda is not None:
+                    self._cuda.set_state(cuda)
 
     def reset(self) -> None:
         torch.default_generator.set_state(self._cpu)
@@ -249,22 +286,84 @@ def _bytes_per_evaluation(run: Callable[[], Any]) -> int | None:
     return _Count.total
 
 
+# --------------------------------------------------------------------------- trees of tensors
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it (mappings, lists, tuples and named
+    tuples are rebuilt; anything else is kept)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        values = [_map_tensors(v, fn) for v in obj]
+        if hasattr(obj, "_fields"):
+            return type(obj)(*values)
+        return list(values) if isinstance(obj, list) else tuple(values)
+    return obj
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a user's tensor that is ours: detached, not an inference tensor (made
+    outside inference mode), and ``requires_grad`` as the user's was."""
+    with torch.no_grad():
+        mine = t.detach().clone()
+    return mine.requires_grad_(t.requires_grad) if mine.is_floating_point() else mine
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    return t.clone()
+
+
+def _cast_tree(obj: Any, dtype: torch.dtype) -> Any:
+    return _map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+def _reject_one_shot(obj: Any, name: str) -> None:
+    """A one-shot or unordered iterable (a generator, ``map``, a set) cannot be an input:
+    the first evaluation would use it up, or its order is not fixed. One line, naming it."""
+    leaves: list[tuple[str, Any]] = []
+    _flatten(obj, name, leaves)
+    for where, value in leaves:
+        if isinstance(value, (Iterator, set, frozenset)):
+            raise InvalidOptionError(
+                f"{where} must be a tensor, an array, a tuple, list or dict of them, or None; "
+                f"got a {type(value).__name__}, which "
+                + (
+                    "has no fixed order"
+                    if isinstance(value, (set, frozenset))
+                    else "can be iterated only once"
+                )
+                + " (pass a tuple or list)"
+            )
+
+
+@contextlib.contextmanager
+def _normal_mode(grad: bool) -> Iterator[None]:
+    """Outside inference mode, autograd on or off: whatever the caller's modes are."""
+    with torch.inference_mode(False), torch.set_grad_enabled(grad):
+        yield
+
+
 # --------------------------------------------------------------------------- evaluator
 class _Scope(nn.Module):
-    """Holds the user's module as a child so that ``functional_call`` on it substitutes the
-    user's parameters while running any closure: the model *and* the loss (a loss that
-    reads the module's parameters sees the substituted ones)."""
+    """Holds modules as children so that one ``functional_call`` substitutes tensors in all
+    of them while it runs a closure: our copy (``model``) and, while a loss callable runs,
+    the user's module (``user``), so that a loss that reads the user's parameters sees the
+    evaluated ones."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, **children: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        for name, child in children.items():
+            self.add_module(name, child)
 
     def forward(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         return closure()
 
 
 class _Spec:
-    """What was asked, independent of the precision the model is evaluated in."""
+    """What was asked, independent of the precision the model is evaluated in. Tensors the
+    user gave (inputs, target) are copied once, outside inference mode: later changes to
+    the user's tensors cannot reach the check, and inference tensors can be differentiated."""
 
     def __init__(self, model: Any, x: Any, y: Any, loss: Any, wrt: str, seed: int) -> None:
         if wrt not in WRT_CHOICES:
@@ -284,9 +383,11 @@ class _Spec:
                 "loss must be None, a callable loss(out, y) or a loss name; "
                 f"got {type(loss).__name__}"
             )
+        _reject_one_shot(x, "x")
+        _reject_one_shot(y, "y")
         self.loss = loss
         self.device = self._device(x)
-        self.y = self._as_tensor(y, self._model_dtype())
+        self.y = _map_tensors(self._as_tensor(y, self._model_dtype()), _own)
         self.style = "single"
         if x is None:
             self.style = "none"
@@ -297,7 +398,9 @@ class _Spec:
         self.leaves: list[tuple[str, Any]] = []
         self.rebuild = _flatten(x, "input", self.leaves) if x is not None else None
         model_dtype = self._model_dtype()
-        self.leaves = [(n, self._as_tensor(v, model_dtype)) for n, v in self.leaves]
+        self.leaves = [
+            (n, _map_tensors(self._as_tensor(v, model_dtype), _own)) for n, v in self.leaves
+        ]
 
     def _device(self, x: Any) -> torch.device:
         if self.module is not None:
@@ -313,7 +416,7 @@ class _Spec:
     def _model_dtype(self) -> torch.dtype | None:
         if self.module is not None:
             for p in self.module.parameters():
-                if p.is_floating_point():
+                if p.is_floating_point() and not _is_lazy(p):
                     return p.dtype
         return None
 
@@ -326,19 +429,41 @@ class _Spec:
             return tensor.to(self.device)
         return value
 
-    def call(self, leaves: Sequence[Any]) -> Any:
+    def call(self, fn: Callable[..., Any], leaves: Sequence[Any]) -> Any:
         if self.rebuild is None:
-            return self.fn()
+            return fn()
         x = self.rebuild(iter(leaves))
         if self.style == "args":
-            return self.fn(*x)
+            return fn(*x)
         if self.style == "kwargs":
-            return self.fn(**x)
-        return self.fn(x)
+            return fn(**x)
+        return fn(x)
+
+
+def _is_lazy(t: torch.Tensor) -> bool:
+    return isinstance(t, (nn.parameter.UninitializedParameter, nn.parameter.UninitializedBuffer))
+
+
+def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """A deep copy of ``module`` in which the tensors named in ``memo`` (by ``id``) are
+    replaced by their entries. Tensors the module keeps that are part of a graph (an
+    activation cached by an earlier forward) are copied detached: a graph cannot be copied."""
+    for sub in module.modules():
+        for value in vars(sub).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo.setdefault(id(value), _own(value))
+    try:
+        return copy.deepcopy(module, memo)
+    except Exception as exc:
+        raise ModelError(
+            f"the module cannot be copied (copy.deepcopy raised {_first_line(exc)}); "
+            "gradcheck evaluates a copy so that the module is left as it was"
+        ) from exc
 
 
 class _Evaluator:
-    """Evaluates the loss and its gradient at flat vectors, in one precision."""
+    """Evaluates the loss and its gradient at flat vectors, in one precision, on a copy
+    of the user's module whose checked parameters are views of one working vector."""
 
     def __init__(self, spec: _Spec, *, float64: bool) -> None:
         self.spec = spec
@@ -349,51 +474,64 @@ class _Evaluator:
         check_inputs = spec.wrt in ("all", "inputs")
 
         def convert(t: torch.Tensor) -> torch.Tensor:
-            t = t.detach()
-            if float64 and t.is_floating_point():
-                return t.to(dtype=torch.float64, copy=True)
-            return t.clone()
+            with torch.no_grad():
+                if float64 and t.is_floating_point():
+                    return t.detach().to(dtype=torch.float64, copy=True)
+                return t.detach().clone()
 
         # checked tensors: (name, source tensor, kind)
         checked: list[tuple[str, torch.Tensor, BlockKind]] = []
         self.skipped: list[str] = []
         self.notes: list[str] = []
-        constants: dict[str, torch.Tensor] = {}
         self.param_names: list[str] = []
+        empty: list[tuple[str, tuple[int, ...]]] = []
         if module is not None:
+            lazy = [
+                n for n, t in [*module.named_parameters(), *module.named_buffers()] if _is_lazy(t)
+            ]
+            if lazy:
+                raise ModelError(
+                    "the model has uninitialized (lazy) parameters or buffers "
+                    f"({', '.join(f'`{n}`' for n in lazy)}); call it once on an input to "
+                    "initialize them before checking"
+                )
             for name, p in module.named_parameters():
-                if check_params and p.requires_grad and p.is_floating_point():
+                if check_params and p.requires_grad and p.is_floating_point() and p.numel():
                     checked.append((name, p, "param"))
                     self.param_names.append(name)
+                    continue
+                if check_params and p.requires_grad and p.is_floating_point():
+                    empty.append((name, tuple(p.shape)))
                     continue
                 if check_params and p.requires_grad:
                     self.notes.append(f"parameter `{name}` has dtype {p.dtype} and is not checked")
                 if check_params:
                     self.skipped.append(name)
-                if float64 and p.is_floating_point():
-                    constants[name] = convert(p)
-        # buffers: our own copies (BatchNorm updates them), restored before every evaluation
-        self.buffers: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []
-        if module is not None:
-            for name, b in module.named_buffers():
-                work = convert(b)
-                constants[name] = work
-                self.buffers.append((work, work.clone(), [work._version]))
 
         self.input_slots: list[int] = []  # positions of checked leaves in spec.leaves
-        self.leaf_values: list[Any] = []
+        self.leaf_values: list[Any] = []  # the other leaves (None where a checked one goes)
         for i, (name, value) in enumerate(spec.leaves):
             if isinstance(value, torch.Tensor) and value.is_floating_point():
-                if check_inputs:
+                if check_inputs and not value.numel():
+                    empty.append((name, tuple(value.shape)))
+                elif check_inputs:
                     checked.append((name, value, "input"))
                     self.input_slots.append(i)
                     self.leaf_values.append(None)
                     continue
                 self.leaf_values.append(convert(value) if float64 else value)
-            else:
-                self.leaf_values.append(value)
+                continue
+            if isinstance(value, torch.Tensor) and value.is_complex() and check_inputs:
+                self.notes.append(f"`{name}` has dtype {value.dtype} and is not checked")
+            self.leaf_values.append(value)
+        # tensors without entries have no gradient to check: named, left out of the blocks
+        listed = ", ".join(f"`{n}` {s}" for n, s in empty)
+        if not checked and empty:
+            raise NothingToCheckError(f"nothing to check: every block is empty ({listed})")
         if not checked:
             raise NothingToCheckError(self._nothing_message(spec))
+        if empty:
+            self.notes.append(f"no entries, nothing to check: {listed}")
 
         dtypes = {t.dtype for _, t, _ in checked}
         if float64:
@@ -414,15 +552,48 @@ class _Evaluator:
             out=_memory.empty(self.size),
         )
         _memory.freeze(self.theta0)  # the problem keeps it as it is (no second copy)
-        self.constants = {f"model.{k}": v for k, v in constants.items()}
-        self.scope = _Scope(module) if module is not None else None
-        # the working vector whose views stand in for the checked tensors
+        # the working vector: the copy's checked parameters are views of it
         self.work = torch.empty(self.size, dtype=self.dtype, device=spec.device)
         self.work.copy_(torch.from_numpy(self.theta0.copy()))
-        self.work_params, self.work_leaves = self._bind(self.work)
+        views = self._views(self.work)
+        n_params = len(self.param_names)
+        self.input_views = views[n_params:]
+
+        self.model: nn.Module | None = None  # our copy
+        self.params: list[nn.Parameter] = []  # its checked parameters, in block order
+        # buffers of the copy: (owner, name, tensor, its value at the start, version seen)
+        self.buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor, list[int]]] = []
+        self.scope: _Scope | None = None  # for vmap: the copy (and the user's module)
+        self.user_scope: _Scope | None = None  # the user's module while a loss callable runs
+        self.user_tensors: dict[str, torch.Tensor] = {}  # what stands in for its tensors
+        if module is not None:
+            memo: dict[int, Any] = {}
+            chosen = dict(zip(self.param_names, views[:n_params], strict=True))
+            for name, p in module.named_parameters():
+                if name in chosen:
+                    new = nn.Parameter(chosen[name], requires_grad=True)
+                    self.params.append(new)
+                else:
+                    new = nn.Parameter(convert(p), requires_grad=p.requires_grad)
+                memo[id(p)] = new
+            for b in module.buffers():
+                memo[id(b)] = convert(b)
+            self.model = _copy_module(module, memo)
+            for owner in self.model.modules():
+                for name, b in owner.named_buffers(recurse=False):
+                    master = b.detach().clone()
+                    self.buffers.append((owner, name, b, master, [b._version]))
+            self.scope = _Scope(model=self.model)
+            if callable(spec.loss):
+                self.user_scope = _Scope(user=module)
+                self.scope = _Scope(model=self.model, user=module)
+                named = [*self.model.named_parameters(), *self.model.named_buffers()]
+                self.user_tensors = {f"user.{n}": t for n, t in named}
+        self.call_fn: Callable[..., Any] = self.model if self.model is not None else spec.fn
         self.reducer: Callable[[Any], torch.Tensor] | None = None
         self.observed: set[torch.dtype] = {self.dtype}
         self._grad_cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._use_backward = False  # autograd.grad failed where .backward() worked
 
     @staticmethod
     def _nothing_message(spec: _Spec) -> str:
@@ -437,26 +608,57 @@ class _Evaluator:
         )
 
     # ---------------------------------------------------------------- plumbing
-    def _bind(self, flat: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[Any]]:
-        """Parameters and input leaves as views of ``flat`` (one row of theta)."""
-        views = [v.view(s) for v, s in zip(flat.split(self.sizes), self.shapes, strict=True)]
-        n = len(self.param_names)
-        params = dict(self.constants)
-        params.update(zip([f"model.{k}" for k in self.param_names], views[:n], strict=True))
-        leaves = list(self.leaf_values)
-        for slot, view in zip(self.input_slots, views[n:], strict=True):
-            leaves[slot] = view
-        return params, leaves
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """The checked tensors as views of ``flat`` (one row of theta), in block order."""
+        return [v.view(s) for v, s in zip(flat.split(self.sizes), self.shapes, strict=True)]
 
-    def _objective(self, leaves: Sequence[Any]) -> torch.Tensor:
-        out = self.spec.call(leaves)
+    def _leaves(self, checked: Sequence[torch.Tensor]) -> list[Any]:
+        """The input leaves for one evaluation: ``checked`` in the checked slots, fresh
+        copies of the other tensors (a forward that changes its input in place cannot
+        reach the next evaluation)."""
+        leaves = [_fresh(v) if isinstance(v, torch.Tensor) else v for v in self.leaf_values]
+        for slot, value in zip(self.input_slots, checked, strict=True):
+            leaves[slot] = value
+        return leaves
+
+    @contextlib.contextmanager
+    def _evaluating(self, grad: bool) -> Iterator[None]:
+        """One evaluation's context: `GLOBAL_STATE` held, normal (not inference) mode,
+        autograd as asked, the caller's RNG saved and restored, our buffers restored."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(GLOBAL_STATE)
+            if not grad:
+                # A re-entrant checkpoint warns that gradients will be None when none of its
+                # inputs requires grad, as none does in an evaluation without autograd.
+                stack.enter_context(warnings.catch_warnings())
+                warnings.filterwarnings("ignore", _NO_INPUT_REQUIRES_GRAD, UserWarning)
+            stack.enter_context(_normal_mode(grad))
+            stack.enter_context(self.rng.guard())
+            try:
+                yield
+            finally:
+                self._restore_buffers()
+
+    def _run(self, params: dict[str, torch.Tensor], closure: Callable[[], Any]) -> Any:
+        if not params:
+            return closure()
+        scope = self.scope if any(k.startswith("model.") for k in params) else self.user_scope
+        assert scope is not None
+        return torch.func.functional_call(scope, params, (closure,), strict=False)
+
+    def _objective(self, leaves: Sequence[Any], *, grad: bool) -> torch.Tensor:
+        try:
+            out = self.spec.call(self.call_fn, leaves)
+        except GradcheckInputError:
+            raise
+        except Exception as exc:
+            raise _Raised("forward", exc) from exc
         if self.reducer is None:
-            self.reducer = self._make_reducer(out)
-        value = self.reducer(out)
-        return value
+            self.reducer = self._make_reducer(out, grad=grad)
+        return self.reducer(out)
 
-    def _make_reducer(self, out: Any) -> Callable[[Any], torch.Tensor]:
-        """Built at the first (single, unbatched) evaluation, from the output it sees."""
+    def _make_reducer(self, out: Any, *, grad: bool) -> Callable[[Any], torch.Tensor]:
+        """Built at the first evaluation (the gradient's, ``grad=True``) from the output it sees."""
         spec = self.spec
         floats = [t for t in _tensor_leaves(out) if t.is_floating_point()]
         self.observed.update(t.dtype for t in floats)
@@ -472,13 +674,23 @@ class _Evaluator:
         if spec.loss is not None:
             fn = spec.loss
             y = _cast_tree(spec.y, torch.float64) if self.float64 else spec.y
-            return lambda o: self._scalar(fn(o, y))
+
+            def call_loss(o: Any) -> torch.Tensor:
+                try:
+                    value = fn(o, _map_tensors(y, _fresh))  # a fresh target every time
+                except GradcheckInputError:
+                    raise
+                except Exception as exc:
+                    raise _Raised("loss", exc) from exc
+                return self._scalar(value)
+
+            return call_loss
         if not floats:
             raise ModelError(
                 f"the model returned no floating-point tensor to project; got {type(out).__name__}"
             )
         keep = list(range(len(floats)))
-        if torch.is_grad_enabled():
+        if grad:
             # Like torch.autograd.gradcheck, leave out outputs the model declares
             # non-differentiable (no grad_fn while others have one: a BatchNorm's saved
             # statistics, mark_non_differentiable) rather than blame their zero gradient.
@@ -520,15 +732,15 @@ class _Evaluator:
         return value.reshape(())
 
     def _restore_buffers(self) -> None:
-        for work, master, version in self.buffers:
-            if work._version != version[0]:
-                work.copy_(master)
-                version[0] = work._version
-
-    def _run(self, params: dict[str, torch.Tensor], closure: Callable[[], torch.Tensor]) -> Any:
-        if self.scope is None:
-            return closure()
-        return torch.func.functional_call(self.scope, params, (closure,), strict=False)
+        """Every buffer of the copy back to its value at the start (a BatchNorm in train mode
+        updates them in place; a forward may also assign a new tensor to one)."""
+        with torch.no_grad():
+            for owner, name, work, master, version in self.buffers:
+                if getattr(owner, name, None) is not work:
+                    setattr(owner, name, work)
+                if work._version != version[0]:
+                    work.copy_(master)
+                    version[0] = work._version
 
     def _rows(self, thetas: np.ndarray) -> torch.Tensor:
         """``thetas`` as a tensor on the model's device, copying only where needed."""
@@ -537,41 +749,53 @@ class _Evaluator:
             arr = arr.copy()
         return torch.from_numpy(arr).to(device=self.spec.device, dtype=self.dtype)
 
+    def _load(self, row: torch.Tensor | None) -> None:
+        """Set the copy's checked parameters to ``row`` (if given); reset buffers and the RNG."""
+        if row is not None:
+            with torch.no_grad():
+                self.work.copy_(row)
+        self._restore_buffers()
+        self.rng.reset()
+
     # ---------------------------------------------------------------- evaluations
     def values_loop(self, thetas: np.ndarray) -> torch.Tensor:
-        """Loss at every row, one row at a time inside one substitution."""
-        rows = self._rows(np.atleast_2d(thetas))
+        """Loss at every row, one row at a time."""
+        with _normal_mode(False):
+            rows = self._rows(np.atleast_2d(thetas))
 
         def body() -> torch.Tensor:
             values = []
             for row in rows:
-                self.work.copy_(row)
-                self._restore_buffers()
-                self.rng.reset()
-                values.append(self._objective(self.work_leaves))
+                self._load(row)
+                leaves = self._leaves([_fresh(v) for v in self.input_views])
+                values.append(self._objective(leaves, grad=False))
             return torch.stack(values)
 
-        with torch.no_grad(), self.rng.guard():
-            try:
-                return self._run(self.work_params, body)
-            finally:
-                self._restore_buffers()
+        with self._evaluating(grad=False):
+            return self._run(self.user_tensors, body)
 
     def values_vmap(self, thetas: np.ndarray) -> torch.Tensor:
-        """Loss at every row in one ``torch.func.vmap`` call."""
-        rows = self._rows(np.atleast_2d(thetas))
+        """Loss at every row in one ``torch.func.vmap`` call (substituting views of each row
+        into the copy with ``functional_call``)."""
+        with _normal_mode(False):
+            rows = self._rows(np.atleast_2d(thetas))
+        n_params = len(self.param_names)
 
         def one(row: torch.Tensor) -> torch.Tensor:
-            params, leaves = self._bind(row)
-            return self._run(params, lambda: self._objective(leaves))
+            views = self._views(row)
+            leaves = self._leaves([_fresh(v) for v in views[n_params:]])
+            if self.scope is None:
+                return self._objective(leaves, grad=False)
+            params = dict(self.user_tensors)
+            for name, view in zip(self.param_names, views[:n_params], strict=True):
+                params[f"model.{name}"] = view
+                if self.user_tensors:
+                    params[f"user.{name}"] = view
+            return self._run(params, lambda: self._objective(leaves, grad=False))
 
-        with torch.no_grad(), self.rng.guard():
-            try:
-                self._restore_buffers()
-                self.rng.reset()
-                return torch.func.vmap(one, randomness="same")(rows)
-            finally:
-                self._restore_buffers()
+        with self._evaluating(grad=False):
+            self._load(None)  # buffers and RNG
+            return torch.func.vmap(one, randomness="same")(rows)
 
     def loss(self, theta: np.ndarray) -> float:
         return float(self.values_loop(np.asarray(theta)[None, :])[0].item())
@@ -582,22 +806,86 @@ class _Evaluator:
         if cache is not None and np.array_equal(cache[0], theta):
             self._grad_cache = None  # handed over once, without a copy
             return cache[1]
-        flat = self._rows(theta[None, :])[0].requires_grad_(True)
-        params, leaves = self._bind(flat)
-        with torch.enable_grad(), self.rng.guard():
+        with _normal_mode(False):
+            row = self._rows(theta[None, :])[0]
+        if self._use_backward:
+            grads = self._gradient_once(row, use_backward=True)
+        else:
             try:
-                self._restore_buffers()
-                self.rng.reset()
-                value = self._run(params, lambda: self._objective(leaves))
-                if value.requires_grad:
-                    (grad,) = torch.autograd.grad(value, flat, allow_unused=True)
-                else:
-                    grad = None
-            finally:
-                self._restore_buffers()
-        if grad is None:
-            return np.zeros(self.size)
-        return _memory.copy(grad.detach().to("cpu", torch.float64).numpy())
+                grads = self._gradient_once(row, use_backward=False)
+            except _Raised as exc:
+                if exc.where != "backward":
+                    raise
+                # A backward that runs backward itself (a re-entrant checkpoint) cannot run
+                # under autograd.grad: try .backward(); if that fails too, the first error stands.
+                try:
+                    grads = self._gradient_once(row, use_backward=True)
+                except Exception:
+                    raise exc from exc.exc
+                self._use_backward = True
+                self.notes.append(
+                    f"torch.autograd.grad could not differentiate the model ({exc}); "
+                    "gradients were taken with .backward() instead"
+                )
+        out = _memory.empty(self.size)
+        flat = torch.from_numpy(out)
+        offset = 0
+        for g, size in zip(grads, self.sizes, strict=True):
+            part = flat[offset : offset + size]
+            if g is None:
+                part.zero_()
+            else:
+                if g.layout != torch.strided:
+                    g = g.to_dense()
+                part.copy_(g.detach().reshape(-1))
+            offset += size
+        return out
+
+    def _gradient_once(self, row: torch.Tensor, *, use_backward: bool) -> list[Any]:
+        """The gradient at ``row`` with respect to the copy's checked parameters and fresh
+        input leaves (the model receives copies of them, so it may change them in place)."""
+        with self._evaluating(grad=True):
+            self._load(row)
+            inputs = [v.detach().clone().requires_grad_(True) for v in self.input_views]
+            leaves = self._leaves([t.clone() for t in inputs])
+            targets: list[torch.Tensor] = [*self.params, *inputs]
+
+            def body() -> list[Any]:
+                value = self._objective(leaves, grad=True)
+                if not value.requires_grad:
+                    return [None] * len(targets)
+                try:
+                    if use_backward:
+                        return self._backward(value, targets)
+                    return list(torch.autograd.grad(value, targets, allow_unused=True))
+                except GradcheckInputError:
+                    raise
+                except Exception as exc:
+                    raise _Raised("backward", exc) from exc
+
+            return self._run(self.user_tensors, body)
+
+    def _backward(self, value: torch.Tensor, targets: list[torch.Tensor]) -> list[Any]:
+        """``value.backward()`` and the ``.grad`` of ``targets``; the ``.grad`` of other
+        leaves the graph reaches (tensors of the user's that require grad) is put back."""
+        ours = {id(t) for t in targets}
+        if self.model is not None:
+            ours.update(id(p) for p in self.model.parameters())
+        others = [t for t in _graph_leaves(value) if id(t) not in ours]
+        saved = [(t, t.grad) for t in others]
+        for t in [*targets, *others]:
+            t.grad = None
+        try:
+            torch.autograd.backward(value)
+            return [t.grad for t in targets]
+        finally:
+            for t, g in saved:
+                t.grad = g
+            for t in targets:
+                t.grad = None
+            if self.model is not None:
+                for p in self.model.parameters():
+                    p.grad = None
 
     def cache_gradient(self, theta: np.ndarray, grad: np.ndarray) -> None:
         """Keep ``grad`` (at ``theta``; neither is copied nor changed later) for the next call."""
@@ -609,14 +897,21 @@ class _Evaluator:
         return _PRECISIONS[lowest]
 
 
-def _cast_tree(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, Mapping):
-        return {k: _cast_tree(v, dtype) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)) and not hasattr(obj, "_fields"):
-        return type(obj)(_cast_tree(v, dtype) for v in obj)
-    return obj
+def _graph_leaves(value: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors the autograd graph of ``value`` accumulates gradients into."""
+    found: list[torch.Tensor] = []
+    seen: set[Any] = set()
+    stack = [value.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, torch.Tensor):
+            found.append(variable)
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
 
 
 # --------------------------------------------------------------------------- building
@@ -635,6 +930,16 @@ def _probe(ev: _Evaluator) -> tuple[float, np.ndarray]:
     return float(value.item()), grad
 
 
+def _cannot_run_in_float64(exc: Exception) -> str | None:
+    """Why the float64 attempt shows that the model cannot run in float64, or None when
+    ``exc`` is an error of the model's own (not about dtypes)."""
+    if isinstance(exc, _NotFloat64):
+        return str(exc)
+    if isinstance(exc, _Raised) and _DTYPE_ERROR.search(str(exc.exc)):
+        return str(exc)
+    return None
+
+
 def _choose_batching(ev: _Evaluator, loss0: float) -> tuple[str, int, str | None]:
     """Use vmap if it runs and agrees with one-at-a-time evaluation; else a loop."""
     # any point off theta0 will do; no random draw (O(P) of work that large models feel)
@@ -642,7 +947,8 @@ def _choose_batching(ev: _Evaluator, loss0: float) -> tuple[str, int, str | None
     try:
         batched = ev.values_vmap(rows).detach().to("cpu", torch.float64).numpy()
     except Exception as exc:  # whatever vmap cannot do, the loop can
-        return "loop", MAX_LOOP_BATCH, f"torch.func.vmap cannot run it ({_first_line(exc)})"
+        cause = exc.exc if isinstance(exc, _Raised) else exc
+        return "loop", MAX_LOOP_BATCH, f"torch.func.vmap cannot run it ({_first_line(cause)})"
     single = ev.values_loop(rows).detach().to("cpu", torch.float64).numpy()
     rtol = 1e-10 if ev.precision == "float64" else 1e-4
     if not np.allclose(batched, single, rtol=rtol, atol=rtol * max(1.0, abs(loss0))):
@@ -656,6 +962,18 @@ def _choose_batching(ev: _Evaluator, loss0: float) -> tuple[str, int, str | None
     else:
         budget = CPU_BATCH_BUDGET
     return "vmap", int(max(1, min(MAX_VMAP_BATCH, budget // per_row))), None
+
+
+def _during_check(fn: Callable[[np.ndarray], Any]) -> Callable[[np.ndarray], Any]:
+    """``fn`` with the user's errors raised as `ModelError` saying where they came from."""
+
+    def call(theta: np.ndarray) -> Any:
+        try:
+            return fn(theta)
+        except _Raised as exc:
+            raise exc.model_error("during the check") from exc.exc
+
+    return call
 
 
 def build_problem(
@@ -680,28 +998,40 @@ def build_problem(
             from ``gradcheck._losses``.
         wrt: "all", "params" or "inputs".
         seed: seeds the RNG state set before every evaluation and the projection.
+
+    The result does not depend on the caller's grad mode (``torch.no_grad()``,
+    ``torch.inference_mode()``) nor on other threads' checks.
     """
-    spec = _Spec(model, x, y, loss, wrt, seed)
+    with _normal_mode(False):
+        return _build(model, x, y, loss=loss, wrt=wrt, seed=seed)
+
+
+def _build(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> FlatProblem:
+    with GLOBAL_STATE:  # no other check's evaluation substitutes the user's module meanwhile
+        spec = _Spec(model, x, y, loss, wrt, seed)
+        # A model that is all float64 already is evaluated as it is (one attempt).
+        attempts = [False] if _all_float64(spec) else [True, False]
     notes: list[str] = []
-    # float64 first; the model's own dtype if that fails. A model that is all float64
-    # already is evaluated as it is (one attempt).
-    attempts = [False] if _all_float64(spec) else [True, False]
+    # float64 first; the model's own dtype only where float64 is impossible (a dtype error,
+    # an output that is not float64). Any other error is the model's own.
     ev: _Evaluator | None = None
     loss0 = math.nan
     for float64 in attempts:
-        ev = _Evaluator(spec, float64=float64)
+        with GLOBAL_STATE:
+            ev = _Evaluator(spec, float64=float64)
         try:
             loss0, grad0 = _probe(ev)
-        except GradcheckInputError:
-            raise
-        except Exception as exc:
-            if float64 and len(attempts) > 1:
+        except (_Raised, _NotFloat64) as exc:
+            why = _cannot_run_in_float64(exc) if float64 else None
+            if why is not None:
                 notes.append(
-                    f"the model cannot run in float64 ({_first_line(exc)}); "
+                    f"the model cannot run in float64 ({why}); "
                     "checked in its own precision: steps and tolerances follow it"
                 )
                 continue
-            raise ModelError(f"the model raised at the starting point: {_first_line(exc)}") from exc
+            if isinstance(exc, _Raised):
+                raise exc.model_error("at the starting point") from exc.exc
+            raise  # pragma: no cover - only the float64 attempt checks the output's dtype
         ev.cache_gradient(ev.theta0, grad0)
         break
     assert ev is not None
@@ -710,7 +1040,10 @@ def build_problem(
         notes.append(
             f"the model computes in {ev.precision}: steps and tolerances follow {ev.precision}"
         )
-    batching, max_batch, why = _choose_batching(ev, loss0)
+    try:
+        batching, max_batch, why = _choose_batching(ev, loss0)
+    except _Raised as exc:
+        raise exc.model_error("near the starting point") from exc.exc
     if why is not None:
         notes.append(f"evaluated one parameter vector at a time: {why}")
     evaluator = ev
@@ -728,10 +1061,10 @@ def build_problem(
 
     return FlatProblem(
         theta0=ev.theta0,
-        loss=evaluator.loss,
-        gradient=evaluator.gradient,
+        loss=_during_check(evaluator.loss),
+        gradient=_during_check(evaluator.gradient),
         blocks=ev.blocks,
-        loss_batch=loss_batch,
+        loss_batch=_during_check(loss_batch),
         max_batch=max_batch,
         precision=ev.precision,
         framework="torch",
@@ -745,7 +1078,7 @@ def _all_float64(spec: _Spec) -> bool:
     """True when the model and its float inputs are float64 already (one attempt suffices)."""
     tensors: list[torch.Tensor] = []
     if spec.module is not None:
-        tensors.extend(spec.module.parameters())
-        tensors.extend(spec.module.buffers())
+        tensors.extend(t for t in spec.module.parameters() if not _is_lazy(t))
+        tensors.extend(t for t in spec.module.buffers() if not _is_lazy(t))
     tensors.extend(v for _, v in spec.leaves if isinstance(v, torch.Tensor))
     return all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
