@@ -1,13 +1,17 @@
 """The JAX adapter: turns a JAX model into a :class:`~gradcheck._problem.FlatProblem`.
 
-Model forms (see :func:`matches`):
+Model forms (see :func:`matches` and :func:`build_problem`):
 
 - ``(apply_fn, params)`` with ``apply_fn(params, x)`` and any pytree of params
   (nested dicts, lists, NamedTuples, an Equinox module, ...);
 - an Equinox module, called as ``model(x)``;
 - a Flax NNX module, called as ``model(x)`` (``nnx.split``/``nnx.merge``);
 - a Flax Linen ``(module, variables)`` pair (or ``(module.apply, variables)``),
-  called as ``module.apply(variables, x)``.
+  called as ``module.apply(variables, x)``, and ``(module, variables, rngs)`` for a
+  module that draws random numbers (``rngs={"dropout": key}``: held fixed);
+- a plain function of JAX arrays (``jax.nn.softplus``), routed here by
+  :mod:`gradcheck._dispatch`: its inputs are checked, as ``f(x)``, ``f(*x)`` for a
+  tuple or list and ``f(**x)`` for a dict.
 
 What is checked: every floating-point array leaf of the parameters (for Linen,
 of the ``"params"`` collection; for NNX, the ``nnx.Param`` variables) and, with
@@ -17,37 +21,52 @@ are named by their pytree path as the user would write it: dict keys joined by
 brackets (``layers[1].weight``); inputs are ``input``, ``input[1]``,
 ``input['key']``. Everything else (integer arrays, PRNG keys, Linen
 ``batch_stats``, NNX ``BatchStat`` and ``RngState``, functions) is passed
-through unchanged as a constant.
+through unchanged as a constant. Python floats and complex arrays are constants
+too, and the report names them as not checked; zero-size arrays hold nothing to check.
 
-Precision: every evaluation runs inside a thread-local ``enable_x64`` scope, on
-a float64 copy of the model's floating-point leaves, inputs and targets; the
-global ``jax_enable_x64`` flag is never touched. If the traced computation still
-holds lower-precision values (a layer built with ``dtype=jnp.float32``, an
-explicit ``.astype``), the problem's ``precision`` says so and a note explains.
+Caller state: every trace and evaluation runs inside thread-local configuration
+scopes (:func:`_scope`): 64-bit types on, ``jax_debug_nans``/``jax_debug_infs`` off
+(a NaN gradient is the core's to report), jit enabled and matmul precision at its
+highest, on a float64 copy of the model's floating-point leaves, inputs and targets;
+the caller's global flags are never touched and never change a verdict. If the
+traced computation still holds lower-precision values (a layer built with
+``dtype=jnp.float32``, an explicit ``.astype``), the problem's ``precision`` says so
+and a note explains.
 
 Randomness: JAX is functional, so a model sees the same randomness at every
 evaluation as long as its key is fixed: put the key inside ``x`` (a
 ``(data, key)`` tuple: keys are not floating point, so they pass through), close
-over it in ``apply_fn``, or give an NNX module its ``nnx.Rngs`` (the adapter
-evaluates merged copies, so the rng counter starts from the same state every
-time and the user's module is never advanced).
+over it in ``apply_fn``, give a Linen module its ``rngs``, or give an NNX module its
+``nnx.Rngs`` (the adapter evaluates merged copies, so the rng counter starts from
+the same state every time and the user's module is never advanced).
 
-Speed: the loss and its gradient are traced once, when the problem is built, and
-evaluated op by op from their jaxprs (no compile, and the model's Python does not run
-again): the gradient is needed a handful of times per check, and a check of a few
-evaluations (fast mode) would spend most of its time compiling. The evaluation folds a
-``transpose`` read by ``dot_general`` into the product (see :class:`_OpByOp`), as a
-compile would: op by op, ``x @ w.T`` would otherwise copy ``w`` every time. When the core
-expects at least :data:`COMPILE_FROM` evaluations (``FlatProblem.prepare``; full
-mode on a model of more than a hundred entries), the loss is compiled, ``vmap``-ed
-over the rows of a ``(max_batch, P)`` array; shorter batches, and single points,
-are padded to ``max_batch`` rows, so no call compiles again and ``loss`` agrees
-with ``loss_batch`` bit for bit. ``max_batch`` (a power of two, at most 256) keeps
-the rows under 32 MiB and the batch's intermediate values under
-:data:`MEMORY_BUDGET`. A model that cannot be vmapped gets a compiled
-single-point loss instead; one that branches on values in Python cannot be traced
-at all and runs eagerly, one evaluation at a time. Within one check every loss
-value comes from one of these paths, never a mix.
+Speed: the model's Python runs once per check: ``jax.value_and_grad`` of the loss is
+traced when the problem is built, and both the loss and the gradient are evaluated
+from that one program, op by op (no compile): the loss runs the equations the value
+needs, the gradient all of them. A loop in the model (``while_loop``, ``scan``: a
+solver, an ODE) is one equation, compiled by JAX on its first evaluation and shared by
+the loss and the gradient. The evaluation folds a ``transpose`` read by ``dot_general``
+into the product (see :class:`_OpByOp`), as a compile would: op by op, ``x @ w.T``
+would otherwise copy ``w`` every time. When the core expects at least
+:data:`COMPILE_FROM` evaluations (:data:`COMPILE_FROM_LOOPS` for a program with
+loops, whose compile costs seconds), the loss is compiled, ``vmap``-ed over the rows
+of a ``(max_batch, P)`` array; shorter batches, and single points, are padded to
+``max_batch`` rows, so no call compiles again and ``loss`` agrees with
+``loss_batch`` bit for bit. ``max_batch`` (a power of two, at most 256) keeps the rows
+under 32 MiB and the batch's intermediate values under :data:`MEMORY_BUDGET`. A
+model that cannot be vmapped gets a compiled single-point loss instead; one that
+branches on values in Python cannot be traced at all and runs eagerly, one
+evaluation at a time. Within one check every loss value comes from one of these
+paths, never a mix.
+
+Internal JAX APIs: the op-by-op evaluator (:class:`_OpByOp`) reads jaxprs
+(``jax.extend.core``), binds primitives and folds transposes; everything else uses
+public APIs (``jax.jit(...).trace``, ``jax.value_and_grad``, ``jax.vmap``, eager
+calls). It is used only after :func:`interpreter_ok`, a probe run once per process,
+has shown it gives what JAX's own eager evaluation gives on a program with every
+construct it treats specially, and only for a model whose program it evaluated at the
+starting point without error; otherwise the loss and gradient are compiled with
+``jax.jit`` instead, and the report says so.
 
 The adapter does no numerics of its own: it only evaluates.
 """
@@ -56,9 +75,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
+import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -88,8 +110,13 @@ except ImportError:  # pragma: no cover - older jax
     from jax.core import Literal as JaxLiteral  # type: ignore[attr-defined,no-redef]
 
 #: A check expecting at least this many loss evaluations gets a compiled, vmapped loss;
-#: fewer run eagerly (a compile costs a few hundred ms, an eager evaluation about a millisecond).
+#: fewer run op by op (a compile costs a few hundred ms, an evaluation about a millisecond).
 COMPILE_FROM = 256
+#: The same for a loss with a loop (``while_loop``, ``scan``): compiling a solver or an
+#: ODE integrator, vmapped, can take seconds (jaxopt's LBFGS: 5 to 10 here), while each
+#: op-by-op evaluation runs the loop JAX compiled once, for the first evaluation, and
+#: shares with the gradient. About where the two cost the same for such a solver.
+COMPILE_FROM_LOOPS = 1024
 #: Rows of perturbed parameter vectors evaluated in one vmapped call, at most.
 MAX_BATCH = 256
 #: Memory a batched call may use, roughly (bytes); bounds ``max_batch`` for large models.
@@ -106,8 +133,10 @@ _LOWER_PRECISION: dict[str, Precision] = {
     "bfloat16": "bfloat16",
 }
 
+_LOOPS = frozenset({"while", "scan"})
 
-# --------------------------------------------------------------------------- x64 scope
+
+# --------------------------------------------------------------------------- caller state
 def _x64() -> AbstractContextManager[Any]:
     """A thread-local scope with 64-bit types enabled; the global flag is left alone."""
     scope: Any = getattr(jax, "enable_x64", None)  # recent jax: a config context manager
@@ -117,6 +146,26 @@ def _x64() -> AbstractContextManager[Any]:
         experimental: Any = importlib.import_module("jax.experimental")
         return experimental.enable_x64()
     return scope(True)
+
+
+#: thread-local configuration a check sets for itself, whatever the caller set globally
+_NEUTRAL: tuple[tuple[str, Any], ...] = (
+    ("debug_nans", False),  # a NaN gradient is a finding to report, not an exception
+    ("debug_infs", False),
+    ("default_matmul_precision", "highest"),
+)
+
+
+def _scope() -> contextlib.ExitStack:
+    """x64 on, jit on, NaN/Inf debugging off, full matmul precision: thread-local scopes."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(_x64())
+    stack.enter_context(jax.disable_jit(False))
+    for name, value in _NEUTRAL:
+        state = getattr(jax, name, None)
+        if callable(state):
+            stack.enter_context(state(value))
+    return stack
 
 
 # --------------------------------------------------------------------------- detection
@@ -162,9 +211,25 @@ def _is_pair(model: Any) -> bool:
     return not any(type(leaf).__module__.split(".")[0] == "torch" for leaf in leaves)
 
 
+def _is_linen_triple(model: Any) -> bool:
+    return (
+        isinstance(model, tuple)
+        and len(model) == 3
+        and _linen_owner(model[0]) is not None
+        and isinstance(model[2], Mapping)
+    )
+
+
 def matches(model: Any) -> bool:
-    """Whether ``model`` is a JAX model this adapter can evaluate (cheap; imports nothing)."""
-    return _is_pair(model) or _is_equinox(model) or _is_nnx(model) or _is_linen(model)
+    """Whether ``model`` is a JAX model object this adapter can evaluate (cheap; imports
+    nothing). Plain functions of JAX arrays are routed here by `gradcheck._dispatch`."""
+    return (
+        _is_pair(model)
+        or _is_linen_triple(model)
+        or _is_equinox(model)
+        or _is_nnx(model)
+        or _is_linen(model)
+    )
 
 
 # --------------------------------------------------------------------------- model forms
@@ -179,6 +244,7 @@ class _Spec:
     is_param: Callable[[tuple[PathEntry, ...]], bool] = lambda path: True
     strip_value: bool = False
     notes: list[str] = field(default_factory=list)
+    has_params: bool = True
 
 
 def _call(model: Any, x: Any) -> Any:
@@ -190,8 +256,10 @@ def _spec_for(model: Any) -> _Spec:
         fn, params = model[0], model[1]
         linen = _linen_owner(fn)
         if linen is not None:
-            return _linen_spec(linen, params)
+            return _linen_spec(linen, params, None)
         return _Spec(tree=params, forward=fn, style="dict", form="(apply_fn, params) pair")
+    if _is_linen_triple(model):
+        return _linen_spec(_linen_owner(model[0]), model[1], model[2])
     if _is_nnx(model):
         return _nnx_spec(model)
     if _is_equinox(model):
@@ -201,13 +269,31 @@ def _spec_for(model: Any) -> _Spec:
             f"a Flax Linen module needs its variables: pass (module, variables); "
             f"got a bare {type(model).__qualname__}"
         )
+    if callable(model) and not isinstance(model, (type, tuple)):
+        return _plain_spec(model)
     raise UnsupportedModelError(
         "the JAX adapter expects an (apply_fn, params) pair, an Equinox module, a Flax NNX "
-        f"module or a Flax Linen (module, variables) pair; got {type(model).__qualname__}"
+        "module, a Flax Linen (module, variables) pair or a function of JAX arrays; "
+        f"got {type(model).__qualname__}"
     )
 
 
-def _linen_spec(module: Any, variables: Any) -> _Spec:
+def _plain_spec(fn: Callable[..., Any]) -> _Spec:
+    """A function of JAX arrays: no parameters; called as ``f(x)``, ``f(*x)``, ``f(**x)``."""
+
+    def forward(params: Any, x: Any) -> Any:
+        if x is None:
+            return fn()
+        if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
+            return fn(*x)
+        if isinstance(x, Mapping):
+            return fn(**x)
+        return fn(x)
+
+    return _Spec(tree=None, forward=forward, style="dict", form="function", has_params=False)
+
+
+def _linen_spec(module: Any, variables: Any, rngs: Mapping[str, Any] | None) -> _Spec:
     if not hasattr(variables, "keys") or "params" not in variables:
         got = sorted(map(str, variables.keys())) if hasattr(variables, "keys") else None
         raise NothingToCheckError(
@@ -215,12 +301,23 @@ def _linen_spec(module: Any, variables: Any) -> _Spec:
             f"got {'collections ' + str(got) if got is not None else type(variables).__name__}"
         )
     others = [str(name) for name in variables if name != "params"]
+    keys = dict(rngs) if rngs is not None else None
+    from flax import errors as flax_errors
 
     def forward(tree: Any, x: Any) -> Any:
-        if others:  # batch_stats etc.: updates of a training-mode call are discarded
-            out, _ = module.apply(tree, x, mutable=others)
-            return out
-        return module.apply(tree, x)
+        try:
+            if others:  # batch_stats etc.: updates of a training-mode call are discarded
+                out, _ = module.apply(tree, x, mutable=others, rngs=keys)
+                return out
+            return module.apply(tree, x, rngs=keys)
+        except flax_errors.InvalidRngError as exc:
+            found = re.search(r'PRNG for "(\w+)"', str(exc))
+            stream = found.group(1) if found else "dropout"
+            raise ModelError(
+                f"the Flax Linen module draws random numbers from {stream!r}: pass its key as a "
+                f"third item, (module, variables, {{{stream!r}: jax.random.key(0)}}) (held fixed "
+                "across evaluations)"
+            ) from exc
 
     def is_param(path: tuple[PathEntry, ...]) -> bool:
         return bool(path) and isinstance(path[0], DictKey) and path[0].key == "params"
@@ -429,19 +526,25 @@ def _subjaxprs(value: Any) -> Iterator[Any]:
             yield from _subjaxprs(item)
 
 
-def _walk(jaxpr: Any) -> Iterator[Any]:
-    """Every equation of ``jaxpr`` and of the jaxprs nested in it (pjit, scan, cond, custom_vjp)."""
-    for eqn in jaxpr.eqns:
+def _walk_eqns(eqns: Sequence[Any]) -> Iterator[Any]:
+    """``eqns`` and the equations of the jaxprs nested in them (jit, scan, cond, custom_vjp)."""
+    for eqn in eqns:
         yield eqn
         for value in eqn.params.values():
             for sub in _subjaxprs(value):
-                yield from _walk(sub)
+                yield from _walk_eqns(sub.eqns)
 
 
-def _lowest_float(jaxpr: Any) -> str | None:
-    """The narrowest floating-point type any computed value in ``jaxpr`` has, if below float64."""
+def _walk(jaxpr: Any) -> Iterator[Any]:
+    """Every equation of ``jaxpr`` and of the jaxprs nested in it."""
+    return _walk_eqns(jaxpr.eqns)
+
+
+def _lowest_float(eqns: Sequence[Any]) -> str | None:
+    """The narrowest floating-point type any value computed by ``eqns`` (and the jaxprs
+    nested in them) has, if below float64."""
     lowest: tuple[int, str] | None = None
-    for eqn in _walk(jaxpr):
+    for eqn in _walk_eqns(eqns):
         for var in eqn.outvars:
             dtype = getattr(getattr(var, "aval", None), "dtype", None)
             if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
@@ -452,10 +555,14 @@ def _lowest_float(jaxpr: Any) -> str | None:
     return None if lowest is None else lowest[1]
 
 
-def _bytes_per_evaluation(jaxpr: Any, size: int) -> int:
+def _has_loops(eqns: Sequence[Any]) -> bool:
+    return any(eqn.primitive.name in _LOOPS for eqn in _walk_eqns(eqns))
+
+
+def _bytes_per_evaluation(eqns: Sequence[Any], size: int) -> int:
     """A rough upper bound on the memory one evaluation needs: every intermediate value kept."""
     total = 8 * size
-    for eqn in _walk(jaxpr):
+    for eqn in _walk_eqns(eqns):
         for var in eqn.outvars:
             aval = getattr(var, "aval", None)
             shape = getattr(aval, "shape", None)
@@ -468,13 +575,16 @@ def _bytes_per_evaluation(jaxpr: Any, size: int) -> int:
     return total
 
 
-def _max_batch(jaxpr: Any, size: int) -> int:
-    rows = MEMORY_BUDGET // max(_bytes_per_evaluation(jaxpr, size), 1)
+def _max_batch(eqns: Sequence[Any], size: int) -> int:
+    rows = MEMORY_BUDGET // max(_bytes_per_evaluation(eqns, size), 1)
     rows = max(1, min(MAX_BATCH, rows, ROWS_BUDGET // (8 * max(size, 1))))
     return 1 << (rows.bit_length() - 1)  # a power of two: one compiled batch shape
 
 
 # --------------------------------------------------------------------------- op by op
+# Everything in this section reads jaxprs and binds primitives: JAX's internal API
+# (``jax.extend`` promises no compatibility across releases). It is used only where
+# :func:`interpreter_ok` found it agrees with JAX's public eager evaluation on this JAX.
 @dataclass(frozen=True)
 class _Transposed:
     """``transpose(value, perm)``, not computed yet: a ``dot_general`` can read ``value``
@@ -512,6 +622,54 @@ def _bind(eqn: Any, args: Sequence[Any], params: dict[str, Any]) -> Any:
         return eqn.primitive.bind(*args, **params)
 
 
+def _is_var(atom: Any) -> bool:
+    return not isinstance(atom, JaxLiteral)
+
+
+def _needed(eqns: Sequence[Any], outvars: Sequence[Any]) -> list[Any]:
+    """The equations (in order) that the values ``outvars`` depend on."""
+    wanted = {var for var in outvars if _is_var(var)}
+    kept = []
+    for eqn in reversed(eqns):
+        if any(var in wanted for var in eqn.outvars):
+            kept.append(eqn)
+            wanted.update(var for var in eqn.invars if _is_var(var))
+    return kept[::-1]
+
+
+def _dead_after(eqns: Sequence[Any], outvars: Sequence[Any]) -> list[list[Any]]:
+    """For each equation, the variables no later equation or output reads."""
+    last: dict[Any, int] = {}
+    for k, eqn in enumerate(eqns):
+        for var in (*eqn.invars, *eqn.outvars):
+            if _is_var(var):
+                last[var] = k
+    for var in outvars:  # an output may be a literal, an input or a constant
+        if _is_var(var):
+            last.pop(var, None)
+    dead: list[list[Any]] = [[] for _ in eqns]
+    for var, k in last.items():
+        dead[k].append(var)
+    return dead
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What to evaluate of one jaxpr: its equations (in order), outputs and dead variables."""
+
+    jaxpr: Any
+    eqns: tuple[Any, ...]
+    outvars: tuple[Any, ...]
+    dead: tuple[tuple[Any, ...], ...]
+
+    @classmethod
+    def of(cls, jaxpr: Any, outputs: Sequence[int] | None = None) -> _Plan:
+        outvars = tuple(jaxpr.outvars if outputs is None else [jaxpr.outvars[i] for i in outputs])
+        eqns = tuple(jaxpr.eqns if outputs is None else _needed(jaxpr.eqns, outvars))
+        dead = tuple(tuple(d) for d in _dead_after(eqns, outvars))
+        return cls(jaxpr, eqns, outvars, dead)
+
+
 class _OpByOp:
     """A closed jaxpr evaluated one equation at a time, as ``jaxpr_as_fun`` does, with two
     shortcuts that keep XLA from materialising arrays an eager op would copy:
@@ -522,36 +680,35 @@ class _OpByOp:
       in line (what those primitives compute outside of differentiation), so the same
       shortcut applies in a user's custom layer.
 
-    Each value is dropped after its last use. Everything else is bound as it is.
+    ``outputs`` selects some of the jaxpr's outputs; only the equations they need run
+    (so the loss of a ``value_and_grad`` program skips the backward). Each value is
+    dropped after its last use. Everything else is bound as it is: a loop is one
+    equation, which JAX compiles once and caches.
     """
 
     INLINE = ("custom_vjp_call", "custom_jvp_call")
 
-    def __init__(self, closed: Any) -> None:
+    def __init__(self, closed: Any, outputs: Sequence[int] | None = None) -> None:
         self.closed = closed
-        self._dead: dict[int, tuple[Any, list[list[Any]]]] = {}
+        self.plan = _Plan.of(closed.jaxpr, outputs)
+        self._inner: dict[int, _Plan] = {}
+
+    @property
+    def eqns(self) -> tuple[Any, ...]:
+        """The top-level equations this evaluation runs."""
+        return self.plan.eqns
 
     def __call__(self, *args: Any) -> list[Any]:
-        return self._run(self.closed.jaxpr, self.closed.consts, args)
+        return self._run(self.plan, self.closed.consts, args)
 
-    def _dead_after(self, jaxpr: Any) -> list[list[Any]]:
-        """For each equation, the variables no later equation or output reads."""
+    def _inner_plan(self, jaxpr: Any) -> _Plan:
         key = id(jaxpr)
-        if key not in self._dead:  # (the jaxpr is kept with it, so the id stays its own)
-            last: dict[Any, int] = {}
-            for k, eqn in enumerate(jaxpr.eqns):
-                for var in (*eqn.invars, *eqn.outvars):
-                    if not isinstance(var, JaxLiteral):
-                        last[var] = k
-            for var in jaxpr.outvars:
-                last.pop(var, None)
-            dead: list[list[Any]] = [[] for _ in jaxpr.eqns]
-            for var, k in last.items():
-                dead[k].append(var)
-            self._dead[key] = (jaxpr, dead)
-        return self._dead[key][1]
+        if key not in self._inner:  # (the plan keeps the jaxpr, so the id stays its own)
+            self._inner[key] = _Plan.of(jaxpr)
+        return self._inner[key]
 
-    def _run(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+    def _run(self, plan: _Plan, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
+        jaxpr = plan.jaxpr
         env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts, strict=True))
         env.update(zip(jaxpr.invars, args, strict=True))
 
@@ -565,7 +722,7 @@ class _OpByOp:
                 x = env[var] = x.force()
             return x
 
-        for eqn, dead in zip(jaxpr.eqns, self._dead_after(jaxpr), strict=True):
+        for eqn, dead in zip(plan.eqns, plan.dead, strict=True):
             name = eqn.primitive.name
             call = eqn.params.get("call_jaxpr") if name in self.INLINE else None
             if name == "transpose":
@@ -590,7 +747,8 @@ class _OpByOp:
                 rest = [value(var) for var in eqn.invars[2:]]
                 outs = [_bind(eqn, [*operands, *rest], {**params, "dimension_numbers": dims})]
             elif call is not None and hasattr(call, "jaxpr") and hasattr(call, "consts"):
-                outs = self._run(call.jaxpr, call.consts, [value(var) for var in eqn.invars])
+                inner = self._inner_plan(call.jaxpr)
+                outs = self._run(inner, call.consts, [value(var) for var in eqn.invars])
             else:
                 ins = [value(var) for var in eqn.invars]
                 ans = _bind(eqn, ins, eqn.primitive.get_bind_params(eqn.params))
@@ -598,7 +756,70 @@ class _OpByOp:
             env.update(zip(eqn.outvars, outs, strict=True))
             for var in dead:
                 env.pop(var, None)
-        return [value(var) for var in jaxpr.outvars]
+        return [value(var) for var in plan.outvars]
+
+
+_PROBED: dict[str, bool] = {}
+_PROBE_LOCK = threading.Lock()
+
+
+def interpreter_ok() -> bool:
+    """Whether the op-by-op evaluator gives what JAX's eager evaluation gives, on this JAX.
+
+    Probed once per process on a small program with every construct the evaluator
+    handles specially: transposes folded into products (and composed), ``custom_vjp``
+    and ``custom_jvp`` calls evaluated in line, nested ``jit``, ``while_loop``, ``scan``,
+    ``cond``, and outputs that are literals, constants, inputs passed straight through
+    and one variable twice. Any difference or error and the adapter uses compiled
+    programs (``jax.jit``) instead.
+    """
+    with _PROBE_LOCK:
+        if "ok" not in _PROBED:
+            try:
+                with _scope():
+                    _PROBED["ok"] = _probe()
+            except Exception:  # an interpreter that raises is an interpreter not to use
+                _PROBED["ok"] = False
+        return _PROBED["ok"]
+
+
+def _probe() -> bool:
+    """Run :class:`_OpByOp` on a small ``value_and_grad`` program with every construct it
+    treats specially and compare with the values worked out in NumPy (one small compile:
+    the evaluator runs under ``jax.jit``)."""
+
+    @jax.custom_vjp
+    def dense(w: Any, h: Any) -> Any:
+        return h @ w.T
+
+    dense.defvjp(lambda w, h: (h @ w.T, (w, h)), lambda r, g: (g.T @ r[1], g @ r[0]))
+
+    def loss(parts: list[Any]) -> Any:
+        w, h, a, unused = parts
+        z = jax.nn.relu(dense(w, h)) + jnp.transpose(jnp.transpose(h @ w.T))  # custom_jvp
+        z = jax.jit(jnp.sin)(z)
+        return jnp.sum(z * z) * a + jax.lax.stop_gradient(unused) * 0.0
+
+    def both(parts: list[Any]) -> Any:
+        w, h, a, _ = parts
+        # outputs that are literals, constants, inputs passed through, one variable twice
+        return jax.value_and_grad(loss)(parts), (w, w, 2.0, jnp.arange(2.0), a, h @ w.T)
+
+    w, h = np.array([[0.3, -1.2], [0.8, 0.5]]), np.array([[1.1, 0.4], [-0.7, 0.9]])
+    a = 0.7
+    m = h @ w.T
+    z = np.sin(np.maximum(m, 0.0) + m)
+    dm = 2 * a * z * np.cos(np.maximum(m, 0.0) + m) * ((m > 0) + 1.0)
+    want = [a * np.sum(z * z), dm.T @ h, dm @ w, np.sum(z * z), 0.0]
+    want += [w, w, 2.0, np.arange(2.0), a, m]
+    parts = [jnp.asarray(v, dtype=jnp.float64) for v in (w, h, a, 1.0)]
+    closed = jax.jit(both).trace(parts).jaxpr
+    every, loss_only = _OpByOp(closed), _OpByOp(closed, outputs=[0])
+    got = jax.jit(lambda *args: [*every(*args), *loss_only(*args)])(*parts)
+    return len(got) == len(want) + 1 and all(
+        np.shape(g) == np.shape(v) and np.allclose(g, v, rtol=1e-12, atol=1e-14)
+        for g, v in zip(got, [*want, want[0]], strict=True)
+    )
 
 
 # --------------------------------------------------------------------------- build
@@ -607,25 +828,16 @@ _TRACE_ERRORS: tuple[type[BaseException], ...] = (
     jax.errors.TracerIntegerConversionError,
 )
 
-
-def _traced(fn: Callable[..., Any], avals: Any, failure: str) -> Any:
-    """``jax.jit(fn)`` traced at ``avals``; an error of the model's own becomes a `ModelError`.
-
-    Errors of gradcheck's (a loss of the wrong shape) pass through, and so do the
-    errors that mean "branches on values in Python" (the caller evaluates eagerly).
-    """
-    passing: tuple[type[BaseException], ...] = (GradcheckInputError, *_TRACE_ERRORS)
-    try:
-        return jax.jit(fn).trace(avals)
-    except passing:
-        raise
-    except Exception as exc:
-        raise ModelError(f"{failure}: {type(exc).__name__}: {_first_line(exc)}") from exc
+Parts = list[Any]  # one array per block, shaped as the model's arrays
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_first_line(exc)}"
 
 
 def _compile(traced: Any) -> Any:
@@ -649,10 +861,12 @@ def build_problem(
     """The :class:`FlatProblem` of a JAX model at its current parameters and ``x``.
 
     Args:
-        model: ``(apply_fn, params)``, an Equinox module, a Flax NNX module or a Flax
-            Linen ``(module, variables)`` pair.
-        x: the input, any pytree; its floating-point arrays are blocks unless
-            ``wrt="params"``; other leaves (integer arrays, keys) pass through.
+        model: ``(apply_fn, params)``, an Equinox module, a Flax NNX module, a Flax
+            Linen ``(module, variables)`` pair or ``(module, variables, rngs)``, or a
+            function of JAX arrays.
+        x: the input, any pytree, or None for a model whose only inputs are its
+            parameters; its floating-point arrays are blocks unless ``wrt="params"``;
+            other leaves (integer arrays, keys) pass through.
         y: the target (constant), or None for a fixed random projection of the output.
         loss: None (``"mse"`` when ``y`` is given), a callable ``loss(out, y)`` in
             jax.numpy, or a loss name from :mod:`gradcheck._losses`.
@@ -663,39 +877,87 @@ def build_problem(
         raise InvalidOptionError(f"wrt must be 'all', 'params' or 'inputs'; got {wrt!r}")
     if isinstance(loss, str):
         canonical_loss_name(loss)
-    with _x64():
+    with _scope():
         spec = _spec_for(model)
         return _build(spec, x, y, loss=loss, wrt=wrt, seed=int(seed))
 
 
+def _is_one_shot(value: Any) -> bool:
+    return isinstance(value, Iterator)
+
+
+def _reject_one_shot(items: Sequence[tuple[Any, Any]], what: str) -> None:
+    for path, leaf in items:
+        if _is_one_shot(leaf):
+            where = f" at {what}{jax.tree_util.keystr(tuple(path))}" if path else ""
+            raise InvalidOptionError(
+                f"{what} must be an array or a pytree of arrays; got a {type(leaf).__name__}"
+                f"{where}, which can be iterated only once (pass a tuple, list or array)"
+            )
+
+
 def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> FlatProblem:
     notes = list(spec.notes)
-    skipped: list[str] = []
-    p_items, p_def = jax.tree_util.tree_flatten_with_path(spec.tree)
-    x_items, x_def = jax.tree_util.tree_flatten_with_path(x)
+    if not spec.has_params and wrt == "params":
+        raise NothingToCheckError(
+            "nothing to check with wrt='params': a plain function has no parameters "
+            "(its inputs are checked with wrt='all' or 'inputs')"
+        )
+    one_shot = _is_one_shot  # a leaf, said explicitly (jax warns about iterables as leaves)
+    p_items, p_def = jax.tree_util.tree_flatten_with_path(spec.tree, is_leaf=one_shot)
+    x_items, x_def = jax.tree_util.tree_flatten_with_path(x, is_leaf=one_shot)
+    _reject_one_shot(x_items, "x")
+    _reject_one_shot(p_items, "params")
     p_leaves = [_as_float64(leaf) for _, leaf in p_items]
     x_leaves = [_as_float64(leaf) for _, leaf in x_items]
     y64 = None if y is None else _to_float64(y)
 
     # (source, leaf index, name, shape, kind) for every block, params first, in pytree order
     entries: list[tuple[str, int, str, tuple[int, ...], BlockKind]] = []
-    for i, (path, leaf) in enumerate(p_items):
-        if not spec.is_param(path):
-            continue
-        name = param_name(path, spec.style, spec.strip_value)
-        if _is_complex_array(leaf):
-            skipped.append(name)
-        elif _is_float_array(leaf) and wrt != "inputs":
-            entries.append(("p", i, name, tuple(np.shape(leaf)), "param"))
-    for i, (path, leaf) in enumerate(x_items):
-        if _is_float_array(leaf) and wrt != "params":
-            entries.append(("x", i, input_name(path), tuple(np.shape(leaf)), "input"))
-    if skipped:
-        notes.append(f"complex parameters are not checked: {', '.join(skipped)}")
+    complex_names: list[str] = []
+    python_names: list[str] = []
+    empty: list[str] = []
+
+    def consider(source: str, i: int, leaf: Any, name: str, kind: BlockKind) -> None:
+        if _is_complex_array(leaf) or isinstance(leaf, complex):
+            complex_names.append(name)
+        elif isinstance(leaf, float):
+            python_names.append(name)
+        elif _is_float_array(leaf):
+            if np.size(leaf) == 0:
+                empty.append(name)
+            else:
+                entries.append((source, i, name, tuple(np.shape(leaf)), kind))
+
+    if wrt != "inputs":
+        for i, (path, leaf) in enumerate(p_items):
+            if spec.is_param(path):
+                consider("p", i, leaf, param_name(path, spec.style, spec.strip_value), "param")
+    if wrt != "params":
+        for i, (path, leaf) in enumerate(x_items):
+            consider("x", i, leaf, input_name(path), "input")
+    skipped = [*complex_names, *python_names]
+    if complex_names:
+        notes.append(
+            "complex arrays are not checked (gradcheck checks real floating point): "
+            + ", ".join(f"`{name}`" for name in complex_names)
+        )
+    if python_names:
+        notes.append(
+            "Python floats are constants, not checked: "
+            + ", ".join(f"`{name}`" for name in python_names)
+            + " (make one a 0-d array, jnp.asarray(value), to check it)"
+        )
     if not entries:
+        what = "inputs" if wrt == "inputs" or not spec.has_params else "parameters"
+        if wrt == "all" and spec.has_params:
+            what = "arrays"
+        extra = f" with entries (zero-size: {', '.join(empty)})" if empty else ""
+        if skipped:
+            extra += f"; not checked: {', '.join(skipped)}"
         raise NothingToCheckError(
             f"nothing to check with wrt={wrt!r}: the {spec.form} has no floating-point "
-            + ("inputs" if wrt == "inputs" else "parameters" if wrt == "params" else "arrays")
+            f"{what}{extra}"
         )
     blocks = block_layout([(name, shape, kind) for _, _, name, shape, kind in entries])
     source = {"p": p_leaves, "x": x_leaves}
@@ -726,40 +988,38 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
             theta[offset : offset + size].reshape(shape) for _, _, offset, size, shape in placements
         ]
 
-    def scalar(theta: jax.Array) -> jax.Array:
-        return of_parts(split(theta))
-
     def device_parts(theta: np.ndarray) -> list[jax.Array]:
         # one transfer call for every block (jax.device_put of a list)
         parts: list[jax.Array] = jax.device_put(split(np.asarray(theta, dtype=np.float64)))
         return parts
 
+    problem = functools.partial(
+        FlatProblem, theta0=theta0, blocks=blocks, framework="jax", notes=notes, skipped=skipped
+    )
     avals = [jax.ShapeDtypeStruct(shape, jnp.float64) for *_, shape in placements]
     try:
-        loss_traced = _traced(of_parts, avals, "the model raised while JAX traced it")
-        grad_traced = _traced(jax.grad(of_parts), avals, "JAX cannot differentiate the model")
+        # one trace of the model's Python gives the loss and the gradient
+        vg = jax.jit(jax.value_and_grad(of_parts)).trace(avals)
     except _TRACE_ERRORS as exc:
         notes.append(
             "the model branches on values in Python, so it cannot be traced "
             f"({type(exc).__name__}); evaluated eagerly, one point at a time"
         )
         grad_of_parts = jax.grad(of_parts)
-        return FlatProblem(
-            theta0=theta0,
-            loss=_flat_loss(lambda *parts: [of_parts(parts)], device_parts),
-            gradient=_flat_gradient(lambda *parts: grad_of_parts(list(parts)), device_parts),
-            blocks=blocks,
-            framework="jax",
-            notes=notes,
-            skipped=skipped,
+        return problem(
+            loss=_flat_loss(of_parts, device_parts),
+            gradient=_flat_gradient(grad_of_parts, of_parts, device_parts),
             batching="loop",
         )
+    except GradcheckInputError:
+        raise
+    except Exception as exc:
+        raise _trace_failure(of_parts, avals, exc) from exc
 
+    programs = _Programs.of(vg, len(blocks), of_parts, avals, device_parts(theta0))
+    notes.extend(programs.notes)
     precision: Precision = "float64"
-    lowered = {
-        what: _lowest_float(traced.jaxpr.jaxpr)
-        for what, traced in (("forward pass", loss_traced), ("gradient", grad_traced))
-    }
+    lowered = {what: _lowest_float(eqns) for what, eqns in programs.eqns.items()}
     narrow = [dtype for dtype in lowered.values() if dtype is not None]
     if narrow:
         lowest = min(narrow, key=lambda name: jnp.dtype(name).itemsize)
@@ -769,51 +1029,180 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
             f"the model computes in {lowest} in its {where}, even on a float64 copy "
             f"(a layer dtype or an explicit cast?); steps and tolerances follow {lowest}"
         )
-    # Both traced programs run op by op (no compile): the gradient is evaluated a handful
-    # of times per check and never repays a compile; the loss only when the core expects
-    # many evaluations (``prepare``).
-    eager = FlatProblem(
-        theta0=theta0,
-        loss=_flat_loss(_OpByOp(loss_traced.jaxpr), device_parts),
-        gradient=_flat_gradient(_OpByOp(grad_traced.jaxpr), device_parts),
-        blocks=blocks,
+    eager = problem(
+        loss=_flat_loss(programs.loss, device_parts),
+        gradient=_flat_gradient(
+            programs.gradient, programs.loss, device_parts, (theta0, programs.first)
+        ),
         precision=precision,
-        framework="jax",
-        notes=notes,
-        skipped=skipped,
-        batching="eager",
+        batching=programs.batching,
     )
+    threshold = COMPILE_FROM_LOOPS if _has_loops(programs.eqns["forward pass"]) else COMPILE_FROM
 
     def prepare(evaluations: int) -> FlatProblem:
-        if evaluations < COMPILE_FROM:
+        if evaluations < threshold:
             return eager
-        return _compiled(eager, scalar, loss_traced, device_parts)
+        return _compiled(eager, programs, split, avals, device_parts)
 
     eager.prepare = prepare
     return eager
 
 
+def _trace_failure(of_parts: Callable[[Parts], Any], avals: Any, exc: Exception) -> Exception:
+    """The error for a ``value_and_grad`` trace that raised: the forward's, or the backward's."""
+    try:
+        jax.jit(of_parts).trace(avals)
+    except GradcheckInputError as forward:
+        return forward
+    except Exception as forward:
+        return ModelError(f"the model raised while JAX traced it: {_describe(forward)}")
+    return ModelError(
+        "JAX cannot differentiate the model: its backward raised while JAX traced the "
+        f"gradient (the forward traces fine): {_describe(exc)}"
+    )
+
+
+@dataclass
+class _Programs:
+    """How the loss and the gradient of one traced ``value_and_grad`` program are evaluated.
+
+    ``loss(parts) -> scalar`` and ``gradient(parts) -> [block gradients]``; ``single``
+    is ``loss`` in a form JAX can trace again (for the compiled, vmapped loss);
+    ``eqns`` the top-level equations of the forward pass and of the rest of the
+    gradient (for the precision and the loop checks); ``first`` the gradient at the
+    starting point, evaluated while building (the core asks for it first).
+    """
+
+    loss: Callable[[Parts], Any]
+    gradient: Callable[[Parts], Sequence[Any]]
+    single: Callable[[Parts], Any]
+    eqns: dict[str, Sequence[Any]]
+    batching: str
+    notes: list[str]
+    first: Sequence[Any] = ()
+
+    @classmethod
+    def of(
+        cls,
+        vg: Any,
+        blocks: int,
+        of_parts: Callable[[Parts], Any],
+        avals: Any,
+        parts0: Parts,
+    ) -> _Programs:
+        program = vg.jaxpr
+        why = "a probe found it disagrees with JAX on this version"
+        if interpreter_ok():
+            try:
+                loss_run = _OpByOp(program, outputs=[0])
+                grad_run = _OpByOp(program, outputs=range(1, blocks + 1))
+                first = grad_run(*parts0)
+            except Exception as exc:  # the model's error, or the evaluator's: compiled decides
+                why = f"raised {_describe(exc)[:160]}"
+            else:
+                kept = {id(eqn) for eqn in loss_run.eqns}
+                rest = [eqn for eqn in grad_run.eqns if id(eqn) not in kept]
+
+                def loss(parts: Parts) -> Any:
+                    return loss_run(*parts)[0]
+
+                return cls(
+                    loss=loss,
+                    gradient=lambda parts: grad_run(*parts),
+                    single=loss,
+                    eqns={"forward pass": loss_run.eqns, "gradient": rest},
+                    batching="eager",
+                    notes=[],
+                    first=first,
+                )
+        return cls._compiled(vg, of_parts, avals, parts0, why)
+
+    @classmethod
+    def _compiled(
+        cls, vg: Any, of_parts: Callable[[Parts], Any], avals: Any, parts0: Parts, why: str
+    ) -> _Programs:
+        """The public path: the loss and ``value_and_grad`` compiled with ``jax.jit``."""
+        grad_exe = _compile(vg)
+        try:
+            first = list(grad_exe(parts0)[1])
+        except Exception as exc:
+            raise _evaluation_failure(of_parts, parts0, exc) from exc
+        loss_traced = jax.jit(of_parts).trace(avals)
+        loss_exe = _compile(loss_traced)
+        return cls(
+            loss=loss_exe,
+            gradient=lambda parts: grad_exe(parts)[1],
+            single=of_parts,
+            eqns={"forward pass": loss_traced.jaxpr.jaxpr.eqns, "gradient": vg.jaxpr.jaxpr.eqns},
+            batching="compiled",
+            notes=[f"the loss and gradient run compiled: the op-by-op evaluator {why}"],
+            first=first,
+        )
+
+
+def _evaluation_failure(
+    of_parts: Callable[[Parts], Any], parts: Parts, exc: Exception
+) -> Exception:
+    """The error for a gradient evaluation that raised: the forward's, or the backward's."""
+    if isinstance(exc, GradcheckInputError):
+        return exc
+    try:
+        with _scope():
+            of_parts(parts)
+    except GradcheckInputError as forward:
+        return forward
+    except Exception as forward:
+        return ModelError(f"the model raised while JAX evaluated it: {_describe(forward)}")
+    return ModelError(
+        "the model's backward raised while JAX evaluated its gradient (the forward runs "
+        f"fine): {_describe(exc)}"
+    )
+
+
 def _flat_loss(
-    fn: Callable[..., Sequence[Any]], device_parts: Callable[[np.ndarray], list[jax.Array]]
+    fn: Callable[[Parts], Any], device_parts: Callable[[np.ndarray], Parts]
 ) -> Callable[[np.ndarray], float]:
-    """``fn(*blocks) -> [loss]`` as a function of the flat vector."""
+    """``fn(blocks) -> loss`` as a function of the flat vector."""
 
     def loss(theta: np.ndarray) -> float:
-        with _x64():
-            (value,) = fn(*device_parts(theta))
-            return float(value)
+        with _scope():
+            parts = device_parts(theta)
+            try:
+                return float(fn(parts))
+            except GradcheckInputError:
+                raise
+            except Exception as exc:
+                raise ModelError(
+                    f"the model raised while JAX evaluated its loss: {_describe(exc)}"
+                ) from exc
 
     return loss
 
 
 def _flat_gradient(
-    fn: Callable[..., Sequence[Any]], device_parts: Callable[[np.ndarray], list[jax.Array]]
+    fn: Callable[[Parts], Sequence[Any]],
+    forward: Callable[[Parts], Any],
+    device_parts: Callable[[np.ndarray], Parts],
+    start: tuple[np.ndarray, Sequence[Any]] | None = None,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """``fn(*blocks) -> [gradient of each block]`` as a function of the flat vector."""
+    """``fn(blocks) -> [gradient of each block]`` as a function of the flat vector; NaN
+    and Inf are returned as they are (the core reports them). ``start``: ``(theta0, its
+    gradient)``, evaluated while building, served once (the core asks for it first)."""
+    pending = [start] if start is not None else []
 
     def gradient(theta: np.ndarray) -> np.ndarray:
-        with _x64():
-            parts = fn(*device_parts(theta))
+        with _scope():
+            parts: Sequence[Any] | None = None
+            if pending:
+                theta0, ready = pending.pop()
+                if theta is theta0 or np.array_equal(theta, theta0):
+                    parts = ready
+            if parts is None:
+                inputs = device_parts(theta)
+                try:
+                    parts = fn(inputs)
+                except Exception as exc:
+                    raise _evaluation_failure(forward, inputs, exc) from exc
             flat = [np.asarray(part, dtype=np.float64).ravel() for part in parts]
             return np.concatenate(flat, out=_memory.empty(sum(part.size for part in flat)))
 
@@ -822,16 +1211,26 @@ def _flat_gradient(
 
 def _compiled(
     eager: FlatProblem,
-    scalar: Callable[[jax.Array], jax.Array],
-    traced: Any,
-    device_parts: Callable[[np.ndarray], list[jax.Array]],
+    programs: _Programs,
+    split: Callable[[Any], Parts],
+    avals: Any,
+    device_parts: Callable[[np.ndarray], Parts],
 ) -> FlatProblem:
-    """``eager`` with its loss compiled: ``vmap``-ed over ``max_batch`` rows where it can be."""
+    """``eager`` with its loss compiled: ``vmap``-ed over ``max_batch`` rows where it can be.
+
+    The compiled loss is the traced program again (``programs.single``), not the model's
+    Python: the model runs once per check.
+    """
     size = eager.size
     notes = list(eager.notes)
-    max_batch = _max_batch(traced.jaxpr.jaxpr, size)
+    max_batch = _max_batch(programs.eqns["forward pass"], size)
     loss_batch = None
-    with _x64():
+    single = programs.single
+
+    def scalar(theta: jax.Array) -> jax.Array:
+        return single(split(theta))
+
+    with _scope():
         if max_batch > 1:
             try:
                 rows = jax.ShapeDtypeStruct((max_batch, size), jnp.float64)
@@ -841,6 +1240,7 @@ def _compiled(
                 notes.append(f"the model cannot be vmapped ({why}); evaluations run one at a time")
             else:
                 loss_batch = _padded(batch_exe, eager.theta0, max_batch)
+        loss_fn: Callable[[np.ndarray], float]
         if loss_batch is not None:
             # one compiled forward for every evaluation: a single point is a padded batch of
             # one, so loss() and loss_batch() agree to the last bit
@@ -850,11 +1250,7 @@ def _compiled(
                 return float(batched(np.asarray(theta, dtype=np.float64)[None, :])[0])
 
         else:
-            loss_exe = _compile(traced)
-
-            def loss_fn(theta: np.ndarray) -> float:
-                with _x64():
-                    return float(loss_exe(device_parts(theta)))
+            loss_fn = _flat_loss(_compile(jax.jit(single).trace(avals)), device_parts)
 
     return dataclasses.replace(
         eager,
@@ -879,14 +1275,20 @@ def _padded(
                 f"loss_batch needs an array of shape (k, {theta0.size}); got {thetas.shape}"
             )
         out = np.empty(thetas.shape[0], dtype=np.float64)
-        with _x64():
+        with _scope():
             for start in range(0, thetas.shape[0], max_batch):
                 chunk = thetas[start : start + max_batch]
                 k = chunk.shape[0]
                 if k < max_batch:
                     pad = np.broadcast_to(theta0, (max_batch - k, theta0.size))
                     chunk = np.concatenate([chunk, pad])
-                out[start : start + k] = np.asarray(batch_exe(chunk), dtype=np.float64)[:k]
+                try:
+                    values = batch_exe(chunk)
+                except Exception as exc:
+                    raise ModelError(
+                        f"the model raised while JAX evaluated its loss: {_describe(exc)}"
+                    ) from exc
+                out[start : start + k] = np.asarray(values, dtype=np.float64)[:k]
         return out
 
     return loss_batch

@@ -27,10 +27,11 @@ def check_gradients(
     """Check a model's analytical gradients against numerical derivatives.
 
     Args:
-        model: a ``torch.nn.Module`` or a callable of tensors; a JAX
-            ``(apply_fn, params)`` pair, an Equinox module or a Flax module with its
-            variables; or a NumPy model with ``params``, ``forward(x)``,
-            ``backward(dout)`` and ``grads`` (see the NumPy guide).
+        model: a ``torch.nn.Module``; a JAX ``(apply_fn, params)`` pair, an
+            Equinox module or a Flax module with its variables; a plain function of
+            torch tensors or of JAX arrays (routed by the arrays in ``x``); or a NumPy
+            model with ``params``, ``forward(x)``, ``backward(dout)`` and ``grads`` (see
+            the NumPy guide).
         x: the input (an array, or a tuple/dict of arrays). Float inputs are
             checked too unless ``wrt="params"``, as blocks ``input``,
             ``input[1]``, ``input['key']``; integer inputs pass through. A torch
@@ -77,7 +78,7 @@ def check_gradients(
     options = CheckOptions(mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals)
     check_container(x, "x")
     check_container(y, "y")
-    adapter = select_adapter(model)
+    adapter = select_adapter(model, x)
     problem = adapter.build_problem(model, x, y, loss=loss, wrt=check_wrt(wrt), seed=seed)
     return run_check(problem, options)
 

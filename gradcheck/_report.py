@@ -158,7 +158,8 @@ class Report:
         framework: which adapter evaluated the model.
         batching: how evaluations ran (``"vmap"``, ``"loop"``).
         warnings: things the user should know (fallbacks taken, kinks, ...).
-        skipped: frozen parameters that were not checked.
+        skipped: parameters that were not checked (frozen, or not checkable: a Python
+            float or a complex leaf in a JAX pytree; the warnings say which).
         problem: set when no gradient verdict was possible (a non-deterministic
             forward, the evaluation budget ran out): the check then fails.
         numeric: the numerical gradient (full mode), flat, in the blocks' layout.
@@ -386,7 +387,8 @@ def render(report: Report) -> str:
         )
     notes = [f"`{b.name}`: {b.note}" for b in report.blocks if b.passed and b.note]
     if report.skipped:
-        lines.append("skipped (frozen): " + ", ".join(f"`{s}`" for s in report.skipped))
+        names = ", ".join(f"`{s}`" for s in report.skipped)
+        lines.append(f"skipped (frozen or not checkable): {names}")
     for w in (*report.warnings, *notes):
         lines.append(f"warning: {w}")
     return "\n".join(lines)
