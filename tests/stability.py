@@ -22,19 +22,21 @@ def _data(report: Report) -> dict[str, Any]:
     return d
 
 
-def _in_threads(run: Callable[[], Report], n: int = 4) -> list[dict[str, Any]]:
+def in_threads(work: Callable[[int], Any], n: int = 4) -> list[Any]:
+    """``[work(0), ..., work(n - 1)]``, each in its own thread, all started together (a
+    barrier); the first exception a thread raised is raised here."""
     results: list[Any] = [None] * n
     errors: list[BaseException] = []
     barrier = threading.Barrier(n)
 
-    def work(i: int) -> None:
+    def run(i: int) -> None:
         try:
             barrier.wait()
-            results[i] = _data(run())
+            results[i] = work(i)
         except BaseException as exc:  # reported below, in the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
@@ -42,6 +44,10 @@ def _in_threads(run: Callable[[], Report], n: int = 4) -> list[dict[str, Any]]:
     if errors:
         raise errors[0]
     return results
+
+
+def _in_threads(run: Callable[[], Report], n: int = 4) -> list[dict[str, Any]]:
+    return in_threads(lambda i: _data(run()), n)
 
 
 def assert_stable(run: Callable[[], Report], *, threads: bool = True) -> Report:

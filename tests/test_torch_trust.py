@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 adapter = pytest.importorskip("gradcheck.adapters.torch")
 
-from stability import assert_stable  # noqa: E402
+from stability import assert_stable, in_threads  # noqa: E402
 
 from gradcheck import (  # noqa: E402
     InvalidOptionError,
@@ -763,30 +763,15 @@ def test_concurrent_checks_of_dropout_models_agree_and_restore_the_rng(shared: b
     expected = data(check_gradients(common, x, mode="full"))
     torch.manual_seed(2024)
     rng = torch.get_rng_state()
-    results: list[Any] = [None] * 4
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
+    def work(i: int) -> Any:
+        with GLOBAL_STATE:  # what this thread sees as its RNG state
+            mine = torch.get_rng_state()
+        report = check_gradients(models[i], x, mode="full")
+        with GLOBAL_STATE:
+            assert torch.equal(torch.get_rng_state(), mine)
+        return data(report)
 
-    def work(i: int) -> None:
-        try:
-            model = models[i]
-            with GLOBAL_STATE:  # what this thread sees as its RNG state
-                mine = torch.get_rng_state()
-            barrier.wait()
-            report = check_gradients(model, x, mode="full")
-            with GLOBAL_STATE:
-                assert torch.equal(torch.get_rng_state(), mine)
-            results[i] = data(report)
-        except BaseException as exc:  # re-raised in the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    results = in_threads(work)
     assert results == [expected] * 4
     assert expected["passed"]
     assert torch.equal(torch.get_rng_state(), rng)
