@@ -29,7 +29,7 @@ part holds. Residuals along rank-weighted directions read where a single wrong
 entry lies, to within what the measured noise allows (`_Probe.pinpoint`; at a
 million entries, three readings usually name it), bisection takes over for what
 they leave, and each entry found is then judged by full mode's own code
-(`gradcheck._check.judge_entries`).
+(`gradcheck._full.judge_entries`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import _memory
-from ._check import judge_entries
 from ._diagnosis import diagnose
+from ._full import RESOLUTION, full_block, judge_entries
 from ._numerics import (
     REFINE_FACTORS,
     Differences,
@@ -608,8 +608,6 @@ class _Probe:
         """The block checked entry by entry, as full mode does (the loss is not finite on
         both sides along a direction: full mode measures such entries from one side), up to
         `ENTRYWISE_LIMIT` entries; above, the block is unresolved."""
-        from ._check import full_block
-
         if b.size > ENTRYWISE_LIMIT:
             return replace(
                 _passed(b, self.g, 1),
@@ -626,8 +624,6 @@ class _Probe:
         allowance is at most `RESOLUTION` times the block's share of ``g . v``. Otherwise
         (a block of gradients far below the loss's magnitude) the block is probed alone
         with larger steps; still unresolved, it is inconclusive."""
-        from ._check import RESOLUTION
-
         line, tol = self.line, self.tol
         v = directions[0] if directions else line.direction
         if v is None:

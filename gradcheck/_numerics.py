@@ -436,7 +436,7 @@ def refine_until_resolved(
       with the same tiny higher derivatives: it is probed 16x and 256x farther.
 
     Each keeps whichever estimate has the smaller error; the entries where it still
-    stays above ``wanted`` may be unresolved (see `gradcheck._check.unresolved`).
+    stays above ``wanted`` may be unresolved (see `gradcheck._full.unresolved_mask`).
     """
     everyone = np.arange(len(first.fp))
     r = refine(lambda factor: at(factor, everyone), first, tol)

@@ -592,3 +592,40 @@ def test_a_frozen_theta0_is_kept_and_anything_writable_is_copied():
         assert kept is not theta and not kept.flags.writeable
         owner[0] = 7.0
         assert kept[0] == 0.0  # the user's later writes do not reach the problem
+
+
+def test_no_module_of_the_core_imports_in_a_cycle():
+    """Module- and function-level imports between gradcheck's modules form no cycle (imports
+    under ``if TYPE_CHECKING:`` are for annotations only and do not count)."""
+    import ast
+    import pathlib
+
+    import gradcheck
+
+    root = pathlib.Path(gradcheck.__file__).parent
+    modules = {p.stem: p for p in root.glob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"
+            for stmt in node.body
+            for n in ast.walk(stmt)
+        }
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in typing_only:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                found.update(t.split(".")[0] for t in targets)
+        edges[name] = found & set(modules)
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for nxt in edges[start]:
+            if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                return True
+        return False
+
+    cyclic = sorted(m for m in edges if reaches(m, m, {m}))
+    assert cyclic == []

@@ -273,7 +273,7 @@ def _number(text: str) -> float:
 def test_numerics_the_prose_states_are_the_codes() -> None:
     """Numbers the pages state about the numerics, against the constants of the code."""
     from gradcheck import TOLERANCES
-    from gradcheck._check import KINK_SIDE_CHECKS
+    from gradcheck._full import KINK_SIDE_CHECKS
     from gradcheck._numerics import DEEPER, GROW, REFINE_FACTORS, shrink_until_finite
     from gradcheck._options import CheckOptions
 
