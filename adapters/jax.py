@@ -99,7 +99,7 @@ from gradcheck._errors import (
     ShapeMismatchError,
     UnsupportedModelError,
 )
-from gradcheck._losses import canonical_loss_name
+from gradcheck._losses import canonical_loss_name, implementation
 from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
 
 __all__ = ["build_problem", "matches"]
@@ -439,26 +439,36 @@ def _same_shape(name: str, out: jax.Array, y: Any) -> None:
         )
 
 
-def jax_loss(name: str) -> Callable[[jax.Array, Any], jax.Array]:
-    """The named loss in jax.numpy, with the semantics of :mod:`gradcheck._losses`."""
-    key = canonical_loss_name(name)
-
-    def loss(out: jax.Array, y: Any) -> jax.Array:
-        if key == "mse":
-            _same_shape(key, out, y)
-            return jnp.mean((out - y) ** 2)
-        if key == "cross_entropy":
-            t = _targets_as_probs(key, out, y)
-            return -jnp.sum(t * jax.nn.log_softmax(out, axis=1)) / _mean_batch(out)
-        if key == "categorical_crossentropy":
-            t = _targets_as_probs(key, out, y)
-            return -jnp.sum(t * jnp.log(out)) / _mean_batch(out)
-        _same_shape(key, out, y)
-        if key == "bce":
-            return -jnp.mean(y * jnp.log(out) + (1.0 - y) * jnp.log1p(-out))
-        return jnp.mean(jnp.logaddexp(0.0, out) - y * out)  # bce_with_logits
+def _class_loss(log: Callable[[jax.Array], jax.Array]) -> Callable[[str, jax.Array, Any], Any]:
+    def loss(key: str, out: jax.Array, y: Any) -> jax.Array:
+        t = _targets_as_probs(key, out, y)
+        return -jnp.sum(t * log(out)) / _mean_batch(out)
 
     return loss
+
+
+def _shaped(fn: Callable[[jax.Array, Any], jax.Array]) -> Callable[[str, jax.Array, Any], Any]:
+    def loss(key: str, out: jax.Array, y: Any) -> jax.Array:
+        _same_shape(key, out, y)
+        return fn(out, y)
+
+    return loss
+
+
+#: The named losses in jax.numpy, by canonical name (`gradcheck._losses` defines them).
+JAX_LOSSES: dict[str, Callable[[str, jax.Array, Any], jax.Array]] = {
+    "mse": _shaped(lambda o, y: jnp.mean((o - y) ** 2)),
+    "cross_entropy": _class_loss(lambda o: jax.nn.log_softmax(o, axis=1)),
+    "categorical_crossentropy": _class_loss(jnp.log),
+    "bce": _shaped(lambda o, y: -jnp.mean(y * jnp.log(o) + (1.0 - y) * jnp.log1p(-o))),
+    "bce_with_logits": _shaped(lambda o, y: jnp.mean(jnp.logaddexp(0.0, o) - y * o)),
+}
+
+
+def jax_loss(name: str) -> Callable[[jax.Array, Any], jax.Array]:
+    """The named loss in jax.numpy, with the semantics of :mod:`gradcheck._losses`."""
+    key, fn = implementation(JAX_LOSSES, name, "JAX")
+    return lambda out, y: fn(key, out, y)
 
 
 def _reducer(loss: Any, y: Any, seed: int) -> Callable[[Any], jax.Array]:

@@ -55,7 +55,7 @@ from gradcheck._errors import (
     NothingToCheckError,
     ShapeMismatchError,
 )
-from gradcheck._losses import canonical_loss_name
+from gradcheck._losses import CLASS_LOSSES, canonical_loss_name, implementation
 from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
 from gradcheck._state import GLOBAL_STATE
 
@@ -229,9 +229,25 @@ def _class_targets(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     )
 
 
+def _batch(o: torch.Tensor) -> int:
+    return int(o.shape[0])
+
+
+#: The named losses in torch, by canonical name (`gradcheck._losses` defines them): each
+#: takes the output and the target prepared by `_named_loss`.
+TORCH_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mse": lambda o, t: ((o - t) ** 2).mean(),
+    "cross_entropy": lambda o, t: -(t * torch.log_softmax(o, dim=1)).sum() / _batch(o),
+    "categorical_crossentropy": lambda o, t: -(t * torch.log(o)).sum() / _batch(o),
+    "bce": lambda o, t: -(t * torch.log(o) + (1.0 - t) * torch.log1p(-o)).mean(),
+    # log(1 + exp(z)) - y z, stable for any z
+    "bce_with_logits": lambda o, t: (torch.logaddexp(o, torch.zeros_like(o)) - t * o).mean(),
+}
+
+
 def _named_loss(name: str, out: Any, y: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """The torch version of a named loss with ``y`` fixed, checked against ``out``."""
-    key = canonical_loss_name(name)
+    key, fn = implementation(TORCH_LOSSES, name, "torch")
     if not isinstance(out, torch.Tensor):
         raise ShapeMismatchError(
             f"loss {key!r} needs the model to return one tensor; got {type(out).__name__}"
@@ -239,24 +255,16 @@ def _named_loss(name: str, out: Any, y: Any) -> Callable[[torch.Tensor], torch.T
     if y is None:
         raise InvalidOptionError(f"loss {key!r} needs a target y; got None")
     target = torch.as_tensor(y, device=out.device)
-    if key in ("cross_entropy", "categorical_crossentropy"):
-        probs = _class_targets(key, out, target)
-        batch = int(out.shape[0])
-        if key == "cross_entropy":
-            return lambda o: -(probs * torch.log_softmax(o, dim=1)).sum() / batch
-        return lambda o: -(probs * torch.log(o)).sum() / batch
-    if tuple(target.shape) != tuple(out.shape):
+    if key in CLASS_LOSSES:
+        t = _class_targets(key, out, target)
+    elif tuple(target.shape) != tuple(out.shape):
         raise ShapeMismatchError(
             f"loss {key!r} needs y of the output's shape {tuple(out.shape)}; "
             f"got {tuple(target.shape)}"
         )
-    t = target.to(dtype=out.dtype)
-    if key == "mse":
-        return lambda o: ((o - t) ** 2).mean()
-    if key == "bce":
-        return lambda o: -(t * torch.log(o) + (1.0 - t) * torch.log1p(-o)).mean()
-    # bce_with_logits: log(1 + exp(z)) - y z, stable for any z
-    return lambda o: (torch.logaddexp(o, torch.zeros_like(o)) - t * o).mean()
+    else:
+        t = target.to(dtype=out.dtype)
+    return lambda o: fn(o, t)
 
 
 # --------------------------------------------------------------------------- memory

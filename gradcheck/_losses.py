@@ -18,7 +18,8 @@ name                      ``out``                         ``y``
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,13 +32,32 @@ ALIASES = {"binary_crossentropy": "bce", "categorical_cross_entropy": "categoric
 LOSS_NAMES = ("mse", "cross_entropy", "categorical_crossentropy", "bce", "bce_with_logits")
 
 
+#: losses that take class targets (integer labels or probabilities); the others take a target
+#: of the output's shape
+CLASS_LOSSES = frozenset({"cross_entropy", "categorical_crossentropy"})
+
+T = TypeVar("T")
+
+
 def canonical_loss_name(name: str) -> str:
     """The canonical spelling of a loss name, or an error listing the known names."""
-    key = ALIASES.get(name, name)
+    key = ALIASES.get(name, name) if isinstance(name, str) else name
     if key not in LOSS_NAMES:
         known = ", ".join(repr(n) for n in (*LOSS_NAMES, *ALIASES))
         raise InvalidOptionError(f"loss must be a callable or one of {known}; got {name!r}")
     return key
+
+
+def implementation(table: Mapping[str, T], name: str, backend: str) -> tuple[str, T]:
+    """``(canonical name, table[canonical name])``: every adapter looks its named losses up
+    here, in a table keyed by canonical name, so a name one backend lacks is an error,
+    never another loss."""
+    key = canonical_loss_name(name)
+    if key not in table:
+        raise InvalidOptionError(
+            f"loss {key!r} has no {backend} implementation; pass a callable loss instead"
+        )
+    return key, table[key]
 
 
 def _batch(out: np.ndarray) -> int:
@@ -77,61 +97,69 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def _mse(out: np.ndarray, y: np.ndarray) -> float:
+    _same_shape("mse", out, y)
+    return float(np.mean((out - y) ** 2))
+
+
+def _mse_grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    _same_shape("mse", out, y)
+    return 2.0 * (out - y) / max(out.size, 1)
+
+
+def _cross_entropy(out: np.ndarray, y: np.ndarray) -> float:
+    t = _targets_as_probs("cross_entropy", out, y)
+    return float(-np.sum(t * _log_softmax(out)) / _batch(out))
+
+
+def _cross_entropy_grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    t = _targets_as_probs("cross_entropy", out, y)
+    p = np.exp(_log_softmax(out))
+    return (p * t.sum(axis=1, keepdims=True) - t) / _batch(out)
+
+
+def _categorical(out: np.ndarray, y: np.ndarray) -> float:
+    t = _targets_as_probs("categorical_crossentropy", out, y)
+    return float(-np.sum(t * np.log(out)) / _batch(out))
+
+
+def _categorical_grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    t = _targets_as_probs("categorical_crossentropy", out, y)
+    return -t / out / _batch(out)
+
+
+def _bce(out: np.ndarray, y: np.ndarray) -> float:
+    _same_shape("bce", out, y)
+    return float(-np.mean(y * np.log(out) + (1.0 - y) * np.log1p(-out)))
+
+
+def _bce_grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    _same_shape("bce", out, y)
+    return (out - y) / (out * (1.0 - out)) / max(out.size, 1)
+
+
+def _bce_logits(out: np.ndarray, y: np.ndarray) -> float:
+    _same_shape("bce_with_logits", out, y)
+    # log(1 + exp(-|z|)) + max(z, 0) - y z, stable for any z
+    return float(np.mean(np.logaddexp(0.0, out) - y * out))
+
+
+def _bce_logits_grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    _same_shape("bce_with_logits", out, y)
+    sig = 0.5 * (1.0 + np.tanh(0.5 * out))
+    return (sig - y) / max(out.size, 1)
+
+
+#: The definitions: ``(loss, loss_grad)`` on NumPy arrays, by canonical name.
+NUMPY_LOSSES: dict[str, tuple[LossFn, LossGrad]] = {
+    "mse": (_mse, _mse_grad),
+    "cross_entropy": (_cross_entropy, _cross_entropy_grad),
+    "categorical_crossentropy": (_categorical, _categorical_grad),
+    "bce": (_bce, _bce_grad),
+    "bce_with_logits": (_bce_logits, _bce_logits_grad),
+}
+
+
 def numpy_loss(name: str) -> tuple[LossFn, LossGrad]:
     """The ``(loss, loss_grad)`` pair for a loss name, on NumPy arrays."""
-    key = canonical_loss_name(name)
-
-    if key == "mse":
-
-        def loss(out: np.ndarray, y: np.ndarray) -> float:
-            _same_shape(key, out, y)
-            return float(np.mean((out - y) ** 2))
-
-        def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
-            _same_shape(key, out, y)
-            return 2.0 * (out - y) / max(out.size, 1)
-
-    elif key == "cross_entropy":
-
-        def loss(out: np.ndarray, y: np.ndarray) -> float:
-            t = _targets_as_probs(key, out, y)
-            return float(-np.sum(t * _log_softmax(out)) / _batch(out))
-
-        def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
-            t = _targets_as_probs(key, out, y)
-            p = np.exp(_log_softmax(out))
-            return (p * t.sum(axis=1, keepdims=True) - t) / _batch(out)
-
-    elif key == "categorical_crossentropy":
-
-        def loss(out: np.ndarray, y: np.ndarray) -> float:
-            t = _targets_as_probs(key, out, y)
-            return float(-np.sum(t * np.log(out)) / _batch(out))
-
-        def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
-            t = _targets_as_probs(key, out, y)
-            return -t / out / _batch(out)
-
-    elif key == "bce":
-
-        def loss(out: np.ndarray, y: np.ndarray) -> float:
-            _same_shape(key, out, y)
-            return float(-np.mean(y * np.log(out) + (1.0 - y) * np.log1p(-out)))
-
-        def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
-            _same_shape(key, out, y)
-            return (out - y) / (out * (1.0 - out)) / max(out.size, 1)
-
-    else:  # bce_with_logits
-
-        def loss(out: np.ndarray, y: np.ndarray) -> float:
-            _same_shape(key, out, y)
-            # log(1 + exp(-|z|)) + max(z, 0) - y z, stable for any z
-            return float(np.mean(np.logaddexp(0.0, out) - y * out))
-
-        def grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
-            _same_shape(key, out, y)
-            sig = 0.5 * (1.0 + np.tanh(0.5 * out))
-            return (sig - y) / max(out.size, 1)
-
-    return loss, grad
+    return implementation(NUMPY_LOSSES, name, "NumPy")[1]
