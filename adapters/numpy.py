@@ -129,7 +129,7 @@ def _loss_pair(
             got = f"an array of shape {shape}" if shape is not None else type(result).__name__
             raise ModelError(f"the loss must return a scalar; got {got}") from None
 
-    return value, (lambda out: np.asarray(grad(out, target.copy())))
+    return value, (lambda out: grad(out, target.copy()))
 
 
 def _float_params(model: Any, notes: list[str]) -> dict[str, np.ndarray]:
@@ -142,6 +142,11 @@ def _float_params(model: Any, notes: list[str]) -> dict[str, np.ndarray]:
             )
         if np.issubdtype(value.dtype, np.floating):
             params[str(name)] = value
+        elif np.issubdtype(value.dtype, np.integer) or value.dtype == np.bool_:
+            notes.append(
+                f"parameter `{name}` has dtype {value.dtype} and is not checked "
+                "(only floating-point parameters have gradients)"
+            )
         elif np.issubdtype(value.dtype, np.complexfloating):
             notes.append(
                 f"parameter `{name}` is complex ({value.dtype}) and is not checked: "
@@ -346,7 +351,10 @@ def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int)
     def gradient_at(theta: np.ndarray) -> np.ndarray:
         with evaluation(theta) as x_eval:
             out = np.asarray(_call("forward", work.forward, x_eval))
-            dout = np.asarray(loss_grad(out), dtype=np.float64)
+            dout = loss_grad(out)
+            if dout is None:
+                raise ModelError(f"loss_grad returned None; expected an array of shape {out.shape}")
+            dout = np.asarray(dout, dtype=np.float64)
             if dout.shape != out.shape:
                 raise ShapeMismatchError(
                     f"loss_grad returned shape {dout.shape}; the output has shape {out.shape}"

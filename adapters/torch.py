@@ -956,7 +956,14 @@ def _choose_batching(ev: _Evaluator, loss0: float) -> tuple[str, int, str | None
         batched = ev.values_vmap(rows).detach().to("cpu", torch.float64).numpy()
     except Exception as exc:  # whatever vmap cannot do, the loop can
         cause = exc.exc if isinstance(exc, _Raised) else exc
-        return "loop", MAX_LOOP_BATCH, f"torch.func.vmap cannot run it ({_first_line(cause)})"
+        try:  # what vmap cannot do, it cannot do twice: else the model raised, not vmap
+            ev.values_vmap(rows)
+        except Exception:
+            return "loop", MAX_LOOP_BATCH, f"torch.func.vmap cannot run it ({_first_line(cause)})"
+        raise ModelError(
+            f"the model's forward raised during the check: {_first_line(cause)} "
+            "(once: the same batched evaluation ran when repeated)"
+        ) from cause
     single = ev.values_loop(rows).detach().to("cpu", torch.float64).numpy()
     rtol = 1e-10 if ev.precision == "float64" else 1e-4
     if not np.allclose(batched, single, rtol=rtol, atol=rtol * max(1.0, abs(loss0))):

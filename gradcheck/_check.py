@@ -47,12 +47,33 @@ def _analytic(problem: FlatProblem) -> np.ndarray:
     return g
 
 
+def _non_finite_diagnosis(part: np.ndarray) -> str:
+    bad = ~np.isfinite(part)
+    kinds = sorted({"NaN" if np.isnan(v) else "Inf" for v in part[bad]})
+    return (
+        f"the analytic gradient is {' and '.join(kinds)} at {int(bad.sum()):,} of "
+        f"{part.size:,} entries (a division by zero, log or sqrt of 0, or an overflow in "
+        "the backward?)"
+    )
+
+
+def _with_non_finite(result: BlockResult, part: np.ndarray) -> BlockResult:
+    """Full mode's result on a block whose analytic gradient holds NaN or Inf (those entries
+    are mismatches like any other, measured): the diagnosis names them first."""
+    return replace(
+        result,
+        diagnosis=_non_finite_diagnosis(part),
+        max_abs_diff=math.inf,
+        max_rel_diff=math.inf,
+    )
+
+
 def _not_finite(block: Block, g: np.ndarray) -> BlockResult:
-    """A block whose analytic gradient holds NaN or Inf: a gradient defect at this point,
-    failed without numerics (the entries are named; their numeric values are not measured)."""
+    """Fast mode's result on a block whose analytic gradient holds NaN or Inf: a gradient
+    defect at this point, failed without numerics (the entries are named; their numeric
+    values are not measured, and the block's other entries are not compared)."""
     part = g[block.slice]
     bad = np.flatnonzero(~np.isfinite(part))
-    kinds = sorted({"NaN" if np.isnan(v) else "Inf" for v in part[bad]})
     entries = tuple(
         Entry(
             index=block.index(int(i)),
@@ -67,16 +88,16 @@ def _not_finite(block: Block, g: np.ndarray) -> BlockResult:
         name=block.name,
         shape=block.shape,
         kind=block.kind,
-        checked=block.size,
+        checked=int(bad.size),
         size=block.size,
         mismatches=int(bad.size),
         worst=entries,
         max_abs_diff=math.inf,
         max_rel_diff=math.inf,
-        diagnosis=(
-            f"the analytic gradient is {' and '.join(kinds)} at {bad.size:,} of "
-            f"{block.size:,} entries (a division by zero, log or sqrt of 0, or an "
-            "overflow in the backward?)"
+        diagnosis=_non_finite_diagnosis(part),
+        note=(
+            "fast mode did not compare this block's other entries (its gradient is not "
+            "finite); mode='full' compares every entry"
         ),
     )
 
@@ -116,9 +137,11 @@ def _run_full(
     options: CheckOptions,
     numeric_all: np.ndarray,
     broken: dict[int, BlockResult],
+    raw: np.ndarray,
 ) -> tuple[list[BlockResult], str | None]:
     """Full mode, block by block (each block's numerical gradient into ``numeric_all``):
-    the block results, and why the blocks after some were not checked (the budget)."""
+    the block results, and why the blocks after some were not checked (the budget).
+    ``g`` has the non-finite entries of the ``broken`` blocks set to 0; ``raw`` has them."""
     blocks: list[BlockResult] = []
     issue: str | None = None
     at0.value  # noqa: B018 (the starting point first: a loss not finite there is an input error)
@@ -128,13 +151,13 @@ def _run_full(
         if issue is not None:
             blocks.append(_unchecked(block, "not checked: the evaluation budget ran out"))
             continue
-        if id(block) in broken:
-            blocks.append(broken[id(block)])
-            continue
         try:
+            own = raw if id(block) in broken else g  # NaN and Inf entries fail as mismatches
             result, numeric = _FullBlock(
-                ev, block, g, h, at0.value, tol, grad_scale, options.max_refine
+                ev, block, own, h, at0.value, tol, grad_scale, options.max_refine
             ).run()
+            if id(block) in broken:
+                result = _with_non_finite(result, raw[block.slice])
         except BudgetExhausted:
             issue = (
                 f"the evaluation budget ran out (max_evals={options.max_evals:,}) "
@@ -193,9 +216,11 @@ def _run_check(problem: FlatProblem, options: CheckOptions, caller: dict[str, An
     warnings = list(problem.notes)
     g = _analytic(problem)
     ev.charge(1)
-    # blocks whose analytic gradient is NaN or Inf fail as they are; the others are checked
-    # with those entries set to 0 (full mode never looks at them; fast mode's directions
-    # then disagree only within those blocks, whose verdicts are replaced)
+    # a NaN or Inf analytic entry is a mismatch: full mode measures and compares its block
+    # as any other; fast mode fails the block as it is (`_not_finite`) and checks the rest
+    # with those entries set to 0 (its directions then disagree only within those blocks,
+    # whose verdicts are replaced)
+    raw = g
     broken = {
         id(b): _not_finite(b, g) for b in problem.blocks if not np.all(np.isfinite(g[b.slice]))
     }
@@ -208,7 +233,9 @@ def _run_check(problem: FlatProblem, options: CheckOptions, caller: dict[str, An
     try:
         if mode == "full":
             numeric_all = np.full(problem.size, np.nan)
-            blocks, issue = _run_full(problem, ev, g, at0, tol, options, numeric_all, broken)
+            blocks, issue = _run_full(
+                problem, ev, g, at0, tol, options, numeric_all, broken, raw
+            )
         else:
             blocks, fast_warnings = run_fast(problem, ev, g, at0, tol, options)
             warnings.extend(fast_warnings)
@@ -225,7 +252,8 @@ def _run_check(problem: FlatProblem, options: CheckOptions, caller: dict[str, An
             _unchecked(b, "not checked: the evaluation budget ran out") for b in problem.blocks
         ]
         numeric_all = None
-    blocks = [broken.get(id(b), r) for b, r in zip(problem.blocks, blocks, strict=True)]
+    if mode == "fast":
+        blocks = [broken.get(id(b), r) for b, r in zip(problem.blocks, blocks, strict=True)]
     return Report(
         blocks=tuple(blocks),
         mode=mode,
@@ -308,7 +336,10 @@ def check_flat(
             raise ModelError(f"loss must return a scalar; got {type(value).__name__}") from None
 
     def flat_gradient(theta: np.ndarray) -> np.ndarray:
-        grad = np.asarray(gradient(_read_only(theta.reshape(shape))), dtype=np.float64)
+        value = gradient(_read_only(theta.reshape(shape)))
+        if value is None:
+            raise ModelError(f"gradient returned None; expected an array of shape {shape}")
+        grad = np.asarray(value, dtype=np.float64)
         if grad.shape != shape:
             raise ShapeMismatchError(f"gradient returned shape {grad.shape}; expected {shape}")
         return grad.reshape(-1)

@@ -62,32 +62,35 @@ def diagnose(
             return "the analytic gradient is the transpose of the numeric one"
     few = k <= 3 and k < 0.5 * n
     nonzero = num != 0
-    if np.all(nonzero):
-        with np.errstate(invalid="ignore", over="ignore"):
-            rel = np.abs(a / num - 1.0)
-        if np.all(rel < SMALL_RELATIVE):
-            worst = float(rel.max())
-            if few:
-                return (
-                    f"only {k} of {n:,} entries disagree, by at most {worst:.1e} relative "
-                    "(a small error in a few entries, not a wrong term)"
-                )
-            return (
-                f"analytic and numeric agree to within {worst:.1e} relative at every mismatch: "
-                "a small, spread error, typical of a backward that is approximate by design "
-                "(an iterative solver, a clamped dual, a truncated series); if that is "
-                f"expected, set rtol above {worst:.1e}"
-            )
     if few:
-        ratios = ", ".join(f"{r:.4g}" for r in (a / num)[nonzero][:3]) if np.any(nonzero) else ""
+        ratios = ", ".join(_ratio(r) for r in (a / num)[nonzero][:3]) if np.any(nonzero) else ""
         tail = f"; analytic / numeric = {ratios}" if ratios else ""
         return f"only {k} of {n:,} entries disagree (an indexing slip or a one-off term?{tail})"
-    if np.all(nonzero):
-        ratio = a / num
-        med = float(np.median(ratio))
-        if np.all(np.abs(ratio + 1.0) < 1e-3):
-            return "analytic = -numeric at every mismatch (a flipped sign)"
-        if med != 0 and np.all(np.abs(ratio - med) <= 1e-3 * abs(med)):
-            where = "every entry" if k == n else "every mismatch"
-            return f"analytic / numeric = {med:.4g} at {where}{_factor_hint(med)}"
+    if not np.all(nonzero):
+        return None
+    ratio = a / num
+    med = float(np.median(ratio))
+    if np.all(np.abs(ratio + 1.0) < 1e-3):
+        return "analytic = -numeric at every mismatch (a flipped sign)"
+    where = "every entry" if k == n else "every mismatch"
+    # one factor everywhere, to within a small part of its distance from 1: a wrong constant
+    # (N - 1 for N, a doubled term), however close to 1 it is
+    if med != 0 and np.all(np.abs(ratio - med) <= 1e-3 * min(abs(med), abs(med - 1.0))):
+        return f"analytic / numeric = {_ratio(med)} at {where}{_factor_hint(med)}"
+    rel = np.abs(ratio - 1.0)
+    if np.all(rel < SMALL_RELATIVE):
+        worst = float(rel.max())
+        return (
+            f"analytic and numeric agree to within {worst:.1e} relative at {where}, by "
+            "differing factors: a small, spread error, typical of a backward that is "
+            "approximate by design (an iterative solver, a clamped dual, a truncated series); "
+            f"if that is expected, set rtol above {worst:.1e}"
+        )
     return None
+
+
+def _ratio(r: float) -> str:
+    """A ratio, with the digits that tell it from 1 (``1 + 3.0e-04``, not ``1``)."""
+    if r != 1.0 and abs(r - 1.0) < 1e-3:
+        return f"1 {'+' if r > 1 else '-'} {abs(r - 1.0):.1e}"
+    return f"{r:.4g}"

@@ -362,7 +362,8 @@ class _FullBlock:
 
         bad_idx = np.flatnonzero(bad)
         diffs = np.abs(a[bad_idx] - numeric[bad_idx])
-        worst = bad_idx[np.argsort(-diffs, kind="stable")][:MAX_ROWS]
+        ranked = np.where(np.isnan(diffs), np.inf, diffs)  # a NaN analytic value first
+        worst = bad_idx[np.argsort(-ranked, kind="stable")][:MAX_ROWS]
         kink_ok = np.flatnonzero(kink & ~bad)
         vague = np.flatnonzero(unresolved)
         measured = np.isfinite(numeric) & ~unresolved

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from numbers import Integral
 from typing import Literal, get_args
+
+import numpy as np
 
 from ._errors import InvalidOptionError
 
@@ -65,8 +68,9 @@ class CheckOptions:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidOptionError(f"mode must be one of {MODES}; got {self.mode!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if isinstance(self.seed, (bool, np.bool_)) or not isinstance(self.seed, Integral):
             raise InvalidOptionError(f"seed must be an int; got {self.seed!r}")
+        object.__setattr__(self, "seed", int(self.seed))  # np.int64(3) is the int 3
         if not 0 <= self.seed < 2**64:
             raise InvalidOptionError(f"seed must be an int in [0, 2**64); got {self.seed!r}")
         for name in ("rtol", "atol"):

@@ -324,10 +324,11 @@ def _entry_table(entries: tuple[Entry, ...]) -> list[str]:
             if (e.kink and e.one_sided is not None)
             else ""
         )
-        lines.append(
-            f"  {_index(e.index):<{width}}  {_num(e.analytic):>11}  {_num(e.numeric):>11}"
-            f" ± {_small(e.error):<8}  {_small(e.abs_diff):>8}{tag}"
-        )
+        if math.isnan(e.numeric) and math.isnan(e.error):
+            measured = f"{'not measured':>11}   {'':<8}  {'':>8}"
+        else:
+            measured = f"{_num(e.numeric):>11} ± {_small(e.error):<8}  {_small(e.abs_diff):>8}"
+        lines.append(f"  {_index(e.index):<{width}}  {_num(e.analytic):>11}  {measured}{tag}")
     return lines
 
 

@@ -937,3 +937,24 @@ def test_global_state_is_restored_when_user_code_raises(context: str) -> None:
     else:
         with CONTEXTS[context]():
             run()
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3, 4, 10])
+def test_a_forward_that_raises_once_is_the_models_error_whichever_call_it_is(fail_at: int) -> None:
+    torch.manual_seed(3)
+
+    class Flaky(nn.Module):
+        calls = 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            type(self).calls += 1
+            if type(self).calls == fail_at:
+                raise RuntimeError("boom")
+            return self.lin(x)
+
+    with pytest.raises(ModelError, match="boom"):
+        check_gradients(Flaky(), torch.randn(7, 6))
