@@ -418,13 +418,14 @@ def _summary_lines(state: _Session) -> list[str]:
     tests = {r["nodeid"] for r in records}
     blocks = sum(len(r["report"]["blocks"]) for r in records)
     entries = sum(int(r["report"]["entries_checked"]) for r in records)
+    directions = sum(int(r["report"].get("directions_checked", 0)) for r in records)
     elapsed = sum(float(r["report"]["elapsed"]) for r in records)
     evaluations = sum(int(r["report"]["evaluations"]) for r in records)
     lines = [
         f"models checked: {len(records)} in {len(tests)} test{'s' if len(tests) != 1 else ''}; "
         f"failed: {len(failed)}",
-        f"blocks checked: {blocks:,}; entries/directions checked: {entries:,}; "
-        f"evaluations: {evaluations:,}",
+        f"blocks checked: {blocks:,}; entries checked: {entries:,}; "
+        f"random directions: {directions:,}; evaluations: {evaluations:,}",
     ]
     bad = list(_failed_blocks(records))
     if bad:

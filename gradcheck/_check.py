@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import ModelError, NonFiniteError, ShapeMismatchError
+from ._errors import InvalidOptionError, ModelError, NonFiniteError, ShapeMismatchError
 from ._fast import run_fast
 from ._full import _FullBlock
 from ._numerics import (
@@ -170,8 +170,13 @@ def _run_full(
     return blocks, issue
 
 
-def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
+def run_check(
+    problem: FlatProblem, options: CheckOptions, started: float | None = None
+) -> Report:
     """Check ``problem``'s analytic gradient; the whole of the core in one call.
+
+    ``started``: the ``time.perf_counter()`` of the call the report's time should cover
+    (`check_gradients` passes its own start, so the adapter's set-up counts).
 
     The core's own arithmetic ignores NumPy's floating-point errors (whatever the caller
     set with ``np.seterr``: the verdict must not depend on it); the model's code runs
@@ -180,7 +185,7 @@ def run_check(problem: FlatProblem, options: CheckOptions) -> Report:
     """
     caller: dict[str, Any] = dict(np.geterr())
     with np.errstate(all="ignore"):
-        return _run_check(problem, options, caller)
+        return _run_check(problem, options, caller, started)
 
 
 def _under(settings: dict[str, Any], problem: FlatProblem) -> FlatProblem:
@@ -203,8 +208,10 @@ def _under(settings: dict[str, Any], problem: FlatProblem) -> FlatProblem:
     )
 
 
-def _run_check(problem: FlatProblem, options: CheckOptions, caller: dict[str, Any]) -> Report:
-    start = time.perf_counter()
+def _run_check(
+    problem: FlatProblem, options: CheckOptions, caller: dict[str, Any], started: float | None
+) -> Report:
+    start = time.perf_counter() if started is None else started
     mode, reason = _choose_mode(options.mode, problem.size)
     if problem.prepare is not None:
         with np.errstate(**caller):
@@ -290,9 +297,9 @@ def _check_start(problem: FlatProblem) -> None:
 
 
 def check_flat(
-    loss: Callable[[np.ndarray], float],
-    gradient: Callable[[np.ndarray], np.ndarray],
-    theta0: np.ndarray | Sequence[float],
+    loss: Callable[[np.ndarray], float] | FlatProblem,
+    gradient: Callable[[np.ndarray], np.ndarray] | None = None,
+    theta0: np.ndarray | Sequence[float] | None = None,
     *,
     blocks: Sequence[Block] | None = None,
     loss_batch: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -310,6 +317,9 @@ def check_flat(
     slices of its flattened form. The functions receive read-only arrays (the
     checker reuses them between calls); copy one to change it.
 
+    ``check_flat(problem)`` checks a `FlatProblem` built by hand (or by an adapter of
+    your own: see "Adding an adapter" in the docs) as it is.
+
     Example:
         >>> import numpy as np
         >>> from gradcheck import check_flat
@@ -319,6 +329,20 @@ def check_flat(
         >>> check_flat(lambda t: float(np.sum(t**3)), lambda t: 2 * t**2, np.arange(4.0)).passed
         False
     """
+    opts = CheckOptions(mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals)
+    if isinstance(loss, FlatProblem):
+        given = {"gradient": gradient, "theta0": theta0, "blocks": blocks}
+        extra = [name for name, value in given.items() if value is not None]
+        if extra or loss_batch is not None:
+            raise InvalidOptionError(
+                "check_flat(problem) takes the FlatProblem alone (it holds its own gradient, "
+                f"theta0, blocks and loss_batch); got also {', '.join(extra) or 'loss_batch'}"
+            )
+        return run_check(loss, opts)
+    if gradient is None or theta0 is None:
+        raise InvalidOptionError(
+            "check_flat needs loss, gradient and theta0 (or a FlatProblem alone)"
+        )
     start = np.asarray(theta0)
     if start.dtype == object or not (
         np.issubdtype(start.dtype, np.floating) or np.issubdtype(start.dtype, np.integer)
@@ -362,7 +386,6 @@ def check_flat(
         loss_batch=batch,
         batching="batched" if batch is not None else "loop",
     )
-    opts = CheckOptions(mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals)
     return run_check(problem, opts)
 
 

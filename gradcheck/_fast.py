@@ -669,6 +669,7 @@ def _passed(block: Block, g: np.ndarray, probes: int) -> BlockResult:
         checked=probes,
         size=block.size,
         mismatches=0,
+        unit="directions",
         scale=float(np.max(np.abs(g[block.slice]))) if block.size else 0.0,
     )
 

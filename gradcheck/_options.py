@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from numbers import Integral
+from types import MappingProxyType
 from typing import Literal, get_args
 
 import numpy as np
@@ -47,10 +49,11 @@ class Tolerance:
 
 
 #: The defaults, keyed by the precision the model is evaluated in. Never scaled by array size.
-TOLERANCES: dict[str, Tolerance] = {
+#: Read-only: a check's ``rtol``/``atol`` override them for that check alone.
+TOLERANCES: Mapping[str, Tolerance] = MappingProxyType({
     "float64": Tolerance(rtol=1e-6, atol=1e-8, step=2e-5, eps=2.0**-52),
     "float32": Tolerance(rtol=1e-3, atol=1e-4, step=5e-3, eps=2.0**-23, noise=64.0),
-}
+})
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ class BlockResult:
         name: the block's name as the user knows it (``layers.1.weight``).
         shape: the block's shape.
         kind: ``"param"`` or ``"input"``.
-        checked: entries compared (full mode) or directions probed (fast mode).
+        checked: entries compared, or directions probed (see ``unit``).
         size: entries in the block.
         mismatches: how many of the checked entries (or directions) disagree.
         worst: the worst mismatching entries, largest difference first (at most 5).
@@ -84,6 +84,9 @@ class BlockResult:
             tried (or not at all: the loss is not finite around them). They are neither
             mismatches nor agreement: a block with any is inconclusive and fails.
         unresolved_examples: a few of those entries.
+        unit: what ``checked``, ``mismatches`` and ``unresolved`` count: ``"entries"``
+            (full mode, and a fast-mode block checked entry by entry) or ``"directions"``
+            (fast mode's random directions).
         scale: the largest numerical gradient magnitude in the block.
         diagnosis: a sentence naming the likely kind of bug, where the data show one.
         localized: fast mode only: how many wrong entries localisation named.
@@ -107,6 +110,7 @@ class BlockResult:
     note: str | None = None
     unresolved: int = 0
     unresolved_examples: tuple[Entry, ...] = ()
+    unit: str = "entries"
 
     @property
     def passed(self) -> bool:
@@ -139,6 +143,7 @@ class BlockResult:
             "note": self.note,
             "unresolved": self.unresolved,
             "unresolved_examples": [e.to_dict() for e in self.unresolved_examples],
+            "unit": self.unit,
         }
 
 
@@ -154,7 +159,8 @@ class Report:
         rtol, atol, safety: the tolerances in force.
         seed: the seed of every random choice (directions, projections, dropout resets).
         evaluations: loss evaluations used (the analytic gradient counts one).
-        elapsed: wall time of the check in seconds.
+        elapsed: wall time of the check in seconds (of the whole `check_gradients` call,
+            the adapter's set-up included).
         framework: which adapter evaluated the model.
         batching: how evaluations ran (``"vmap"``, ``"loop"``).
         warnings: things the user should know (fallbacks taken, kinks, ...).
@@ -192,7 +198,13 @@ class Report:
 
     @property
     def entries_checked(self) -> int:
-        return sum(b.checked for b in self.blocks)
+        """Entries compared one by one (full mode; fast mode only where it fell back to it)."""
+        return sum(b.checked for b in self.blocks if b.unit == "entries")
+
+    @property
+    def directions_checked(self) -> int:
+        """Random directions probed across the blocks (fast mode; 0 in full mode)."""
+        return max((b.checked for b in self.blocks if b.unit == "directions"), default=0)
 
     def block(self, name: str) -> BlockResult:
         """The result for the block called ``name``."""
@@ -224,6 +236,7 @@ class Report:
             "framework": self.framework,
             "batching": self.batching,
             "entries_checked": self.entries_checked,
+            "directions_checked": self.directions_checked,
             "warnings": list(self.warnings),
             "skipped": list(self.skipped),
             "problem": self.problem,
@@ -267,8 +280,10 @@ def _blocks(n: int, all_: str = "") -> str:
 
 def _header(report: Report) -> list[str]:
     if report.mode == "fast":
-        k = max((b.checked for b in report.blocks), default=0)
+        k = report.directions_checked
         checked = f"{k} random direction{'s' if k != 1 else ''} across all blocks"
+        if report.entries_checked:
+            checked += f" and {report.entries_checked:,} entries one by one"
     else:
         checked = f"{report.entries_checked:,} entries"
     summary = (
@@ -332,9 +347,9 @@ def _entry_table(entries: tuple[Entry, ...]) -> list[str]:
     return lines
 
 
-def _block_lines(b: BlockResult, fast: bool) -> list[str]:
+def _block_lines(b: BlockResult) -> list[str]:
     lines = [f"`{b.name}`  shape {_shape(b.shape)}" + ("  (input)" if b.kind == "input" else "")]
-    unit = "directions" if fast else "entries"
+    unit = b.unit
     lines.append(
         f"  mismatched: {b.mismatches:,} / {b.checked:,} {unit} ({_pct(b.mismatches, b.checked)})"
         f"   max abs diff {_small(b.max_abs_diff)}   max rel diff {_small(b.max_rel_diff)}"
@@ -362,12 +377,11 @@ def _block_lines(b: BlockResult, fast: bool) -> list[str]:
 def render(report: Report) -> str:
     """The readable report: culprits first, at most five rows per block."""
     lines = _header(report)
-    fast = report.mode == "fast"
     for b in report.failed_blocks:
         if b.checked == 0 and not b.unresolved:
             continue  # listed below as not checked
         lines.append("")
-        lines.extend(_block_lines(b, fast))
+        lines.extend(_block_lines(b))
     passed = [b for b in report.blocks if b.passed]
     unchecked = [b for b in report.blocks if b.checked == 0 and b.size and not b.unresolved]
     if passed or unchecked:

@@ -109,7 +109,7 @@ def test_passing_run_returns_report_and_prints_summary(pytester: pytest.Pytester
         [
             "*- gradcheck -*",
             "models checked: 1 in 1 test; failed: 0",
-            "blocks checked: 5; entries/directions checked: 21; evaluations: *",
+            "blocks checked: 5; entries checked: 21; random directions: 0; evaluations: *",
             "worst error: none (every checked entry within tolerance)",
             "time in checks: *s",
         ]

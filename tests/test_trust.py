@@ -447,3 +447,43 @@ def test_an_integer_numpy_parameter_is_named_as_not_checked():
     report = check_gradients(layer, np.ones((2, 3)), None)
     assert report.passed and "steps" not in {b.name for b in report.blocks}
     assert any("parameter `steps` has dtype int64 and is not checked" in w for w in report.warnings)
+
+
+def test_check_flat_takes_a_flat_problem_as_it_is():
+    from gradcheck import FlatProblem
+
+    blocks = (Block("a", (2,), 0), Block("b", (1,), 2))
+    problem = FlatProblem(
+        theta0=np.array([0.3, 0.6, 0.9]),
+        loss=lambda t: float(np.sum(np.sin(t))),
+        gradient=lambda t: np.cos(t) * np.array([1.0, 1.0, 2.0]),
+        blocks=blocks,
+    )
+    report = check_flat(problem)
+    assert [b.name for b in report.failed_blocks] == ["b"]
+    with pytest.raises(InvalidOptionError, match="takes the FlatProblem alone"):
+        check_flat(problem, np.cos, np.zeros(3))
+    with pytest.raises(InvalidOptionError, match="check_flat needs loss, gradient and theta0"):
+        check_flat(np.sin)
+
+
+def test_the_tolerance_table_is_read_only():
+    from gradcheck import TOLERANCES, Tolerance
+
+    with pytest.raises(TypeError):
+        TOLERANCES["float64"] = Tolerance(rtol=1.0, atol=1.0, step=1e-3, eps=1e-16)  # type: ignore[index]
+    assert TOLERANCES["float64"].rtol == 1e-6
+
+
+def test_the_reports_time_covers_the_adapters_set_up():
+    import time as _time
+
+    class SlowToCopy(Linear):
+        def __deepcopy__(self, memo):  # the NumPy adapter copies the model once, at set-up
+            _time.sleep(0.3)
+            new = Linear(3, 2)
+            new.params = {k: v.copy() for k, v in self.params.items()}
+            return new
+
+    report = check_gradients(SlowToCopy(3, 2), np.ones((2, 3)), None)
+    assert report.passed and report.elapsed >= 0.3
