@@ -606,7 +606,7 @@ class _Transposed:
     eqn: Any  # the transpose equation (its primitive and parameters)
 
     def force(self) -> Any:
-        params = {**self.eqn.primitive.get_bind_params(self.eqn.params), "permutation": self.perm}
+        params = {**_bind_params(self.eqn), "permutation": self.perm}
         return _bind(self.eqn, [self.value], params)
 
 
@@ -623,6 +623,19 @@ def _fold(dims: Any, side: int, perm: tuple[int, ...]) -> Any:
     contract = tuple(perm[d] for d in contract)
     batch = tuple(perm[d] for d in batch)
     return ((contract, rc), (batch, rb)) if side == 0 else ((lc, contract), (lb, batch))
+
+
+def _bind_params(eqn: Any) -> dict[str, Any]:
+    """``eqn``'s parameters as its primitive's ``bind`` takes them. Before JAX 0.9.2,
+    ``get_bind_params`` returned ``(subfuns, params)``: a primitive with sub-functions is
+    not evaluated here (the start-up probe or the model's own run then falls back to the
+    compiled path)."""
+    got = eqn.primitive.get_bind_params(eqn.params)
+    if isinstance(got, tuple):
+        subfuns, got = got
+        if subfuns:
+            raise NotImplementedError(f"{eqn.primitive.name} binds sub-functions")
+    return dict(got)
 
 
 def _bind(eqn: Any, args: Sequence[Any], params: dict[str, Any]) -> Any:
@@ -743,7 +756,7 @@ class _OpByOp:
             elif name == "dot_general" and any(
                 isinstance(read(var), _Transposed) for var in eqn.invars[:2]
             ):
-                params = eqn.primitive.get_bind_params(eqn.params)
+                params = _bind_params(eqn)
                 dims = params["dimension_numbers"]
                 operands = []
                 for side, var in enumerate(eqn.invars[:2]):
@@ -761,7 +774,7 @@ class _OpByOp:
                 outs = self._run(inner, call.consts, [value(var) for var in eqn.invars])
             else:
                 ins = [value(var) for var in eqn.invars]
-                ans = _bind(eqn, ins, eqn.primitive.get_bind_params(eqn.params))
+                ans = _bind(eqn, ins, _bind_params(eqn))
                 outs = ans if eqn.primitive.multiple_results else [ans]
             env.update(zip(eqn.outvars, outs, strict=True))
             for var in dead:
