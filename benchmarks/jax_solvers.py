@@ -42,123 +42,45 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.test_util import check_grads
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from zoo.jax_solvers import (
+    fixed_point_model,
+    fixed_point_params,
+    ode_model,
+    ode_params,
+    rand,
+    ridge_model,
+)
 
 from gradcheck import check_gradients
 
 Model = tuple[Callable[[Any, Any], Any], dict[str, np.ndarray], Any, str]
 
 
-def rand(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> np.ndarray:
-    return scale * np.random.default_rng(seed).normal(size=shape)
-
-
 # ------------------------------------------------------------------------------ models
+# (the models of tests/test_jax_real.py, at the sizes measured here)
 def fixed_point(n: int = 8, d: int = 4, batch: int = 5, bug: bool = False) -> Model:
-    def f(p: Any, z: Any, x: Any) -> Any:
-        return jnp.tanh(z @ p["W"].T + x @ p["U"].T + p["b"])
-
-    def iterate(g: Callable[[Any], Any], z0: Any) -> Any:
-        def body(c: Any) -> Any:
-            zn = g(c[0])
-            return zn, jnp.max(jnp.abs(zn - c[0])), c[2] + 1
-
-        start = (z0, jnp.asarray(jnp.inf, z0.dtype), 0)
-        return lax.while_loop(lambda c: (c[1] > 1e-15) & (c[2] < 500), body, start)[0]
-
-    @jax.custom_vjp
-    def solve(p: Any, x: Any) -> Any:
-        return iterate(lambda z: f(p, z, x), jnp.zeros((x.shape[0], n), x.dtype))
-
-    def fwd(p: Any, x: Any) -> Any:
-        z = solve(p, x)
-        return z, (p, x, z)
-
-    def bwd(res: Any, g: Any) -> Any:
-        p, x, z = res
-        _, vjp_z = jax.vjp(lambda zz: f(p, zz, x), z)
-        u = iterate(lambda u: g + vjp_z(u)[0], jnp.zeros_like(g))
-        dp, dx = jax.vjp(lambda pp, xx: f(pp, z, xx), p, x)[1](u)
-        if bug:
-            dp = {**dp, "W": dp["W"].at[1, 2].multiply(1.01)}
-        return dp, dx
-
-    solve.defvjp(fwd, bwd)
-    params = {
-        "W": rand((n, n), 1, 0.3 / np.sqrt(n)),
-        "U": rand((n, d), 2, 1 / np.sqrt(d)),
-        "b": rand((n,), 3, 0.1),
-    }
-    return solve, params, rand((batch, d), 4), "W"
+    model = fixed_point_model("W" if bug else None)
+    return model, fixed_point_params(n, d), rand((batch, d), 4), "W"
 
 
 def ode_rk4(n: int = 6, batch: int = 4, steps: int = 40, bug: bool = False) -> Model:
-    dt = 1.0 / steps
-
-    def vf(p: Any, y: Any) -> Any:
-        return jnp.tanh(y @ p["W"].T + p["b"]) / p["tau"] - y
-
-    def step(p: Any, y: Any) -> Any:
-        k1 = vf(p, y)
-        k2 = vf(p, y + 0.5 * dt * k1)
-        k3 = vf(p, y + 0.5 * dt * k2)
-        k4 = vf(p, y + dt * k3)
-        return y + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-
-    def integrate(p: Any, y0: Any) -> Any:
-        return lax.scan(lambda y, _: (step(p, y), y), y0, None, length=steps)
-
-    @jax.custom_vjp
-    def solve(p: Any, y0: Any) -> Any:
-        return integrate(p, y0)[0]
-
-    def fwd(p: Any, y0: Any) -> Any:
-        y_end, ys = integrate(p, y0)
-        return y_end, (p, ys)
-
-    def bwd(res: Any, g: Any) -> Any:
-        p, ys = res
-
-        def back(carry: Any, y: Any) -> Any:
-            a, gp = carry
-            dp, dy = jax.vjp(step, p, y)[1](a)
-            return (dy, jax.tree_util.tree_map(jnp.add, gp, dp)), None
-
-        zero = jax.tree_util.tree_map(jnp.zeros_like, p)
-        (a0, gp), _ = lax.scan(back, (g, zero), ys, reverse=True)
-        if bug:
-            gp = {**gp, "tau": gp["tau"] * 1.0001}
-        return gp, a0
-
-    solve.defvjp(fwd, bwd)
-    params = {"W": rand((n, n), 7, 1 / np.sqrt(n)), "b": rand((n,), 8, 0.1), "tau": np.asarray(0.7)}
-    return solve, params, rand((batch, n), 9), "tau"
+    model = ode_model("tau" if bug else None, steps=steps)
+    return model, ode_params(n), rand((batch, n), 9), "tau"
 
 
 def ridge_root(bug: bool = False) -> Model:
-    def apply_fn(p: Any, data: Any) -> Any:
-        a, t = data
-
-        def grad_obj(w: Any) -> Any:
-            return 2 * a.T @ (a @ w - t) / a.shape[0] + 2 * p["lam"] * w + 0.1 * jnp.tanh(w)
-
-        def newton(g: Callable[[Any], Any], w0: Any) -> Any:
-            body = lambda _, w: w - jnp.linalg.solve(jax.jacobian(g)(w), g(w))  # noqa: E731
-            return lax.fori_loop(0, 30, body, w0)
-
-        def tangent_solve(g: Callable[[Any], Any], y: Any) -> Any:
-            out = jnp.linalg.solve(jax.jacobian(g)(y), y)
-            return out * 1.01 if bug else out
-
-        return lax.custom_root(grad_obj, jnp.zeros(a.shape[1]), newton, tangent_solve)
-
-    return apply_fn, {"lam": np.asarray(0.3)}, (rand((40, 6), 5), rand((40,), 6)), "lam"
+    data = (rand((40, 6), 5), rand((40,), 6))
+    return ridge_model(bug), {"lam": np.asarray(0.3)}, data, "lam"
 
 
 MODELS: dict[str, Callable[..., Model]] = {
