@@ -195,6 +195,9 @@ class _FullBlock:
         vague = unresolved_mask(tol, a, numeric, error, scale, floor)
         coarse = np.flatnonzero(ok & two_sided & vague)
         coarse = coarse[~self._zero_everywhere(coarse, first)]
+        # an entry measured from one side is not refined: too coarse, it stays unresolved
+        one = lost[np.isfinite(numeric[lost])]
+        unresolved[one] |= ok[one] & vague[one]
         # refinement budget: the worst suspicious entries first, then the coarse ones
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = np.abs(a - numeric)[suspicious] / np.maximum(allowed[suspicious], 1e-300)

@@ -487,3 +487,16 @@ def test_the_reports_time_covers_the_adapters_set_up():
 
     report = check_gradients(SlowToCopy(3, 2), np.ones((2, 3)), None)
     assert report.passed and report.elapsed >= 0.3
+
+
+def test_an_entry_measured_from_one_side_too_coarsely_is_unresolved_not_agreeing():
+    # defined for t >= 0 only, with a gradient (1e-9) below what a one-sided difference of a
+    # loss of 1 resolves: a factor-2 bug there must not read as agreement
+    def loss(t):
+        with np.errstate(invalid="ignore"):
+            return 1.0 + float(np.sum(np.where(t >= 0, 1e-9 * t, np.nan)))
+
+    report = check_flat(loss, lambda t: np.full_like(t, 2e-9), np.zeros(2), mode="full")
+    block = report.block("theta")
+    assert not report.passed
+    assert block.mismatches + block.unresolved == 2  # never "agree"
