@@ -603,7 +603,6 @@ class _Probe:
                 v, verdict = failures[0]
         return _failed(result, len(failures), found, finished, verdict.analytic, verdict.numeric)
 
-
     def entrywise(self, b: Block) -> BlockResult:
         """The block checked entry by entry, as full mode does (the loss is not finite on
         both sides along a direction: full mode measures such entries from one side), up to
@@ -626,12 +625,14 @@ class _Probe:
         with larger steps; still unresolved, it is inconclusive."""
         line, tol = self.line, self.tol
         v = directions[0] if directions else line.direction
-        if v is None:
+        if v is None or result.unit == "entries":  # judged entry by entry, by full mode's rules
             return result
         share = _share(self.g, v, b.slice)
         if line.allowance <= RESOLUTION * share:
             return result
         verdict = line.check(v, b.slice, b.size, resolve=RESOLUTION * share)
+        if verdict.unmeasured:
+            return self.entrywise(b)
         if not verdict.passed:
             found, finished = self.localize(v, verdict)
             return _failed(result, 1, found, finished, verdict.analytic, verdict.numeric)

@@ -500,3 +500,25 @@ def test_an_entry_measured_from_one_side_too_coarsely_is_unresolved_not_agreeing
     block = report.block("theta")
     assert not report.passed
     assert block.mismatches + block.unresolved == 2  # never "agree"
+
+
+def test_a_tiny_block_checked_entry_by_entry_in_fast_mode_is_not_probed_again():
+    # block `b` (gradients 1e-10) is defined on one side only at its entries: fast mode
+    # checks it entry by entry; its verdict must stand (oracle: the exact gradient)
+    blocks = (Block("a", (3,), 0), Block("b", (2,), 3))
+    t0 = np.array([0.2, 0.4, 0.6, 0.0, 0.0])
+
+    def loss(t):
+        with np.errstate(invalid="ignore"):
+            tail = np.where(t[3:] >= 0, 1e-10 * (t[3:] + t[3:] ** 2), np.nan)
+        return 1.0 + float(np.sum(np.sin(t[:3]))) + float(np.sum(tail))
+
+    def grad(t):
+        return np.concatenate([np.cos(t[:3]), 1e-10 * (1 + 2 * t[3:])])
+
+    full = check_flat(loss, grad, t0, blocks=blocks, mode="full")
+    fast = check_flat(loss, grad, t0, blocks=blocks, mode="fast")
+    assert full.block("a").passed and fast.block("a").passed
+    assert fast.block("b").unit == "entries"
+    assert fast.block("b").passed == full.block("b").passed
+    assert fast.block("b").mismatches == 0 and full.block("b").mismatches == 0
