@@ -16,6 +16,8 @@ from torch import nn
 
 adapter = pytest.importorskip("gradcheck.adapters.torch")
 
+from torch_models import FnLinear, make_linear_function  # noqa: E402
+
 from gradcheck import (  # noqa: E402
     InvalidOptionError,
     ModelError,
@@ -217,45 +219,6 @@ def test_reference_regularization_in_a_loss_callable_sees_the_substituted_weight
 BUGS = ("none", "sign_flip", "missing_bias", "scale_1.01", "one_entry", "input_grad")
 
 
-def make_linear_function(bug: str) -> type[torch.autograd.Function]:
-    class LinearFn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            ctx.save_for_backward(x, w)
-            return x @ w.T + b
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, Any, Any]:
-            x, w = ctx.saved_tensors
-            dx, dw = g @ w, g.T @ x
-            db: torch.Tensor | None = g.sum(0)
-            if bug == "sign_flip":
-                dw = -dw
-            elif bug == "missing_bias":
-                db = None
-            elif bug == "scale_1.01":
-                dx, dw, db = 1.01 * dx, 1.01 * dw, 1.01 * g.sum(0)
-            elif bug == "one_entry":
-                dw = dw.clone()
-                dw[1, 2] *= 1.01
-            elif bug == "input_grad":
-                dx = g @ (w * 1.5)
-            return dx, dw, db
-
-    return LinearFn
-
-
-class FnLinear(nn.Module):
-    def __init__(self, n_in: int, n_out: int, bug: str) -> None:
-        super().__init__()
-        self.fn = make_linear_function(bug)
-        self.weight = nn.Parameter(torch.randn(n_out, n_in, dtype=f64) / n_in**0.5)
-        self.bias = nn.Parameter(0.1 * torch.randn(n_out, dtype=f64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn.apply(x, self.weight, self.bias)
-
-
 EXPECTED_FAILURES = {
     # the custom layer is the first one (`0`), the input feeds it directly
     "none": [],
@@ -270,7 +233,7 @@ EXPECTED_FAILURES = {
 @pytest.mark.parametrize("bug", BUGS)
 def test_planted_bug_in_a_custom_function_names_the_block(bug: str) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(FnLinear(4, 5, bug), nn.Tanh(), nn.Linear(5, 3, dtype=f64))
+    model = nn.Sequential(FnLinear(4, 5, bug, f64), nn.Tanh(), nn.Linear(5, 3, dtype=f64))
     x = torch.randn(6, 4, dtype=f64)
     y = torch.randn(6, 3, dtype=f64)
     report = check_gradients(model, x, y, loss="mse")
@@ -286,7 +249,7 @@ def test_planted_bug_in_a_custom_function_names_the_block(bug: str) -> None:
 def test_wrong_input_gradient_of_an_inner_layer_fails_the_layers_below_it() -> None:
     """Right weight gradients, wrong input gradient: it is the layer *below* that looks wrong."""
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Linear(4, 5, dtype=f64), nn.Tanh(), FnLinear(5, 3, "input_grad"))
+    model = nn.Sequential(nn.Linear(4, 5, dtype=f64), nn.Tanh(), FnLinear(5, 3, "input_grad", f64))
     x, y = torch.randn(6, 4, dtype=f64), torch.randn(6, 3, dtype=f64)
     report = check_gradients(model, x, y, loss="mse", wrt="params")
     assert failed(report) == ["0.weight", "0.bias"], str(report)
@@ -315,7 +278,7 @@ def test_auto_mode_on_a_large_module_with_relu_dropout_and_layer_norm(seed: int)
     def module(bug: str) -> nn.Module:
         torch.manual_seed(seed)
         return nn.Sequential(
-            FnLinear(64, 256, bug),
+            FnLinear(64, 256, bug, f64),
             nn.ReLU(),
             nn.Dropout(0.1),
             nn.LayerNorm(256, dtype=f64),

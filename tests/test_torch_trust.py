@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 adapter = pytest.importorskip("gradcheck.adapters.torch")
 
 from stability import assert_stable, in_threads  # noqa: E402
+from torch_models import FnLinear  # noqa: E402
 
 from gradcheck import (  # noqa: E402
     InvalidOptionError,
@@ -92,42 +93,6 @@ CONTEXTS: dict[str, Callable[[], Any]] = {
 
 
 # ------------------------------------------------------------------ small models
-def linear_function(bug: str) -> type[torch.autograd.Function]:
-    """``x @ w.T + b`` with a hand-written backward, right unless ``bug`` is one of
-    "one_entry" (one weight-gradient entry x1.01), "bias" (bias gradient x1.0005)."""
-
-    class LinearFn(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            ctx.save_for_backward(x, w)
-            return x @ w.T + b
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, Any, Any]:
-            x, w = ctx.saved_tensors
-            dw = g.T @ x
-            db = g.sum(0)
-            if bug == "one_entry":
-                dw = dw.clone()
-                dw[1, 2] *= 1.01
-            elif bug == "bias":
-                db = db * 1.0005
-            return g @ w, dw, db
-
-    return LinearFn
-
-
-class FnLinear(nn.Module):
-    def __init__(self, n_in: int, n_out: int, bug: str = "none") -> None:
-        super().__init__()
-        self.fn = linear_function(bug)
-        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
-        self.bias = nn.Parameter(0.1 * torch.randn(n_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn.apply(x, self.weight, self.bias)
-
-
 def custom_net(bug: str = "none", seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(FnLinear(4, 5, bug), nn.Tanh(), nn.Dropout(0.2), nn.Linear(5, 3))
