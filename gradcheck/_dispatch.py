@@ -13,8 +13,7 @@ Two steps, both here:
    ``torch``); if that is not conclusive and only one of torch and jax is imported, that
    one. Anything still ambiguous is an error that shows both forms.
 
-`select_adapter` sees only the model; for a plain callable it returns a router that makes
-the choice when ``build_problem`` receives ``x`` (or pass ``x`` to decide at once).
+`select_adapter(model, x)` does both.
 """
 
 from __future__ import annotations
@@ -60,9 +59,6 @@ SUPPORTED = (
     "or a plain function of torch tensors or of JAX arrays"
 )
 
-_UNSET: Any = object()
-
-
 class Adapter(Protocol):
     """What `check_gradients` needs of an adapter (a module, or the plain-callable router)."""
 
@@ -89,13 +85,12 @@ def load_adapter(module_name: str) -> Any:
         ) from exc
 
 
-def select_adapter(model: Any, x: Any = _UNSET) -> Adapter:
+def select_adapter(model: Any, x: Any = None) -> Adapter:
     """The adapter for ``model``: the one whose ``matches(model)`` is true, else, for a
     plain callable, the one its inputs ``x`` (or its own module) point to.
 
     A framework's adapter is imported only when that framework is already in
     ``sys.modules``: a model cannot be a torch module if torch was never imported.
-    Without ``x``, a plain callable gets a router that decides when it sees ``x``.
     """
     for module_name, framework in _ADAPTERS:
         if framework is not None and framework not in sys.modules:
@@ -104,7 +99,7 @@ def select_adapter(model: Any, x: Any = _UNSET) -> Adapter:
         if adapter.matches(model):
             return adapter
     if is_plain_callable(model):
-        return _PlainCallable() if x is _UNSET else route_callable(model, x)
+        return route_callable(model, x)
     raise UnsupportedModelError(
         f"cannot check a model of type {type(model).__module__}.{type(model).__qualname__}; "
         f"expected {SUPPORTED}"
@@ -114,23 +109,6 @@ def select_adapter(model: Any, x: Any = _UNSET) -> Adapter:
 def is_plain_callable(model: Any) -> bool:
     """A function or callable object that no adapter claims by its type (not a class)."""
     return callable(model) and not isinstance(model, type)
-
-
-class _PlainCallable:
-    """The adapter of a plain callable, chosen when ``x`` is known (see `route_callable`)."""
-
-    def build_problem(
-        self,
-        model: Any,
-        x: Any,
-        y: Any = None,
-        *,
-        loss: Any = None,
-        wrt: str = "all",
-        seed: int = 0,
-    ) -> FlatProblem:
-        adapter = route_callable(model, x)
-        return adapter.build_problem(model, x, y, loss=loss, wrt=wrt, seed=seed)
 
 
 def route_callable(fn: Any, x: Any) -> Adapter:
