@@ -33,6 +33,7 @@ from gradcheck._errors import (
     ModelError,
     NothingToCheckError,
     ShapeMismatchError,
+    first_line,
 )
 from gradcheck._losses import numpy_loss
 from gradcheck._problem import BlockKind, FlatProblem, block_layout, output_projection
@@ -237,11 +238,6 @@ class _Inputs:
         return dx[pos]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
 def _real_array(value: Any, what: str) -> np.ndarray:
     """``value`` as a real float array, or a one-line error saying what it is."""
     arr = np.asarray(value) if value is not None else None
@@ -266,7 +262,7 @@ def _call(stage: str, fn: Callable[..., Any], *args: Any) -> Any:
     except GradcheckInputError:
         raise
     except Exception as exc:
-        raise ModelError(f"the model's {stage} raised {_first_line(exc)}") from exc
+        raise ModelError(f"the model's {stage} raised {first_line(exc)}") from exc
 
 
 def build_problem(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> FlatProblem:

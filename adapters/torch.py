@@ -54,6 +54,7 @@ from gradcheck._errors import (
     ModelError,
     NothingToCheckError,
     ShapeMismatchError,
+    first_line,
 )
 from gradcheck._losses import CLASS_LOSSES, canonical_loss_name, implementation
 from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
@@ -99,12 +100,12 @@ class _Raised(Exception):
     }
 
     def __init__(self, where: str, exc: BaseException) -> None:
-        super().__init__(f"{self.WHO[where]} raised {_first_line(exc)}")
+        super().__init__(f"{self.WHO[where]} raised {first_line(exc)}")
         self.where = where
         self.exc = exc
 
     def model_error(self, when: str) -> ModelError:
-        error = ModelError(f"{self.WHO[self.where]} raised {when}: {_first_line(self.exc)}")
+        error = ModelError(f"{self.WHO[self.where]} raised {when}: {first_line(self.exc)}")
         error.__cause__ = self.exc
         return error
 
@@ -159,11 +160,6 @@ def _tensor_leaves(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, (tuple, list)):
         return [t for v in obj for t in _tensor_leaves(v)]
     return []
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 # --------------------------------------------------------------------------- RNG
@@ -464,7 +460,7 @@ def _copy_module(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
         return copy.deepcopy(module, memo)
     except Exception as exc:
         raise ModelError(
-            f"the module cannot be copied (copy.deepcopy raised {_first_line(exc)}); "
+            f"the module cannot be copied (copy.deepcopy raised {first_line(exc)}); "
             "gradcheck evaluates a copy so that the module is left as it was"
         ) from exc
 
@@ -959,9 +955,9 @@ def _choose_batching(ev: _Evaluator, loss0: float) -> tuple[str, int, str | None
         try:  # what vmap cannot do, it cannot do twice: else the model raised, not vmap
             ev.values_vmap(rows)
         except Exception:
-            return "loop", MAX_LOOP_BATCH, f"torch.func.vmap cannot run it ({_first_line(cause)})"
+            return "loop", MAX_LOOP_BATCH, f"torch.func.vmap cannot run it ({first_line(cause)})"
         raise ModelError(
-            f"the model's forward raised during the check: {_first_line(cause)} "
+            f"the model's forward raised during the check: {first_line(cause)} "
             "(once: the same batched evaluation ran when repeated)"
         ) from cause
     single = ev.values_loop(rows).detach().to("cpu", torch.float64).numpy()
