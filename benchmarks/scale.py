@@ -13,7 +13,8 @@ On a tanh MLP (MSE, batch 64, float64), in one run, for torch and jax:
   and what it adds to the fast check of the correct model, both wall time of
   ``check_gradients`` in T_fb (median over the plantings where the entry was named).
 
-Run: python benchmarks/scale.py [--sizes 1e3,1e4,1e5,1e6] [--plantings 20] [--frameworks torch,jax]
+Run: python benchmarks/scale.py [--sizes 1e3,1e4,1e5,1e6 | --widths 32,981,981,4] [--plantings 20]
+     [--frameworks torch,jax]
 Prints medians and ratios; absolute times on shared machines are noisy, so every timed
 call of ours or of the anchors' fast mode is divided by T_fb measured just before it, and
 starts after a garbage collection.
@@ -302,8 +303,10 @@ def in_tfb(env: dict[str, Any], fn: Callable[[], Any], repeats: int) -> tuple[fl
     return statistics.median(ratios), out
 
 
-def run(framework: str, p: float, plantings: int, seed: int) -> dict[str, Any]:
-    sizes = widths(p)
+def run(
+    framework: str, p: float, plantings: int, seed: int, sizes: list[int] | None = None
+) -> dict[str, Any]:
+    sizes = sizes or widths(p)
     env = torch_setup(sizes, seed) if framework == "torch" else jax_setup(sizes, seed)
     env["plant"]((0, 0), 1.0)
     env["fb"]()
@@ -372,10 +375,20 @@ def main() -> None:
     parser.add_argument("--plantings", type=int, default=20)
     parser.add_argument("--frameworks", default="torch,jax")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--widths",
+        default=None,
+        help="layer widths of one MLP, e.g. 32,981,981,4 (instead of --sizes)",
+    )
     args = parser.parse_args()
+    shapes: list[tuple[float, list[int] | None]] = [
+        (float(p), None) for p in args.sizes.split(",")
+    ]
+    if args.widths:
+        shapes = [(0.0, [int(w) for w in args.widths.split(",")])]
     for framework in args.frameworks.split(","):
-        for p in args.sizes.split(","):
-            row = run(framework, float(p), args.plantings, args.seed)
+        for p, sizes in shapes:
+            row = run(framework, p, args.plantings, args.seed, sizes)
             print(
                 " | ".join(
                     f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
