@@ -1,9 +1,10 @@
 """The pytest plugin of gradcheck: the ``gradcheck`` fixture, marker, options and JSON report.
 
 pytest loads this module in every session of every user who installs gradcheck
-(the ``pytest11`` entry point ``gradcheck``), so it imports only pytest and the
-standard library at top level; gradcheck itself (and NumPy) is imported the
-first time a test calls the fixture. ``-p no:gradcheck`` disables it.
+(the ``pytest11`` entry point ``gradcheck``), so it imports only pytest, the
+standard library and ``_gradcheck_options`` (the options' one definition, itself stdlib
+only) at top level; gradcheck itself (and NumPy) is imported the first time a test calls
+the fixture. ``-p no:gradcheck`` disables it.
 
 Settings resolve, per option: keyword argument of the fixture call >
 ``@pytest.mark.gradcheck(...)`` (the closest marker wins) > ``--gradcheck-*``
@@ -28,37 +29,30 @@ folder (pytest's rule for its own path settings).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import pytest
 
+from _gradcheck_options import BY_NAME, OPTIONS
+
 if TYPE_CHECKING:
     from gradcheck import Report
 
-#: The settings a marker, option or ini key can give, with check_gradients' defaults.
-SETTINGS: dict[str, Any] = {
-    "mode": "auto",
-    "seed": 0,
-    "rtol": None,
-    "atol": None,
-    "max_evals": None,
-}
-#: The keywords of ``@pytest.mark.gradcheck(...)``: the settings, plus which blocks to check.
-MARKER_KEYWORDS: tuple[str, ...] = (*SETTINGS, "wrt")
+#: The settings a whole session can give (command line, ini), with check_gradients' defaults.
+SETTINGS: dict[str, Any] = {option.name: option.default for option in OPTIONS if option.per_session}
+#: The keywords of ``@pytest.mark.gradcheck(...)``: every option of a check.
+MARKER_KEYWORDS: tuple[str, ...] = tuple(option.name for option in OPTIONS)
 #: The keywords of a fixture call, besides ``model``, ``x`` and ``y``.
 CALL_KEYWORDS: tuple[str, ...] = (*MARKER_KEYWORDS, "loss")
 
-MODES = ("auto", "full", "fast")
-WRTS = ("all", "params", "inputs")
 _WORKER_KEY = "gradcheck_records"
 _JOURNAL_KEY = "gradcheck_journal"
 _REPORT_FORMAT = 1
@@ -102,87 +96,22 @@ class _Session:
 _SESSION = pytest.StashKey[_Session]()
 
 
-# ------------------------------------------------------------------------- parsing values
-def _parse_float(name: str, value: Any) -> float:
-    try:
-        result = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number >= 0; got {value!r}") from None
-    if not math.isfinite(result) or result < 0:
-        raise ValueError(f"{name} must be a finite number >= 0; got {value!r}")
-    return result
-
-
-def _parse_int(name: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int; got {value!r}")
-    try:
-        result = int(str(value).strip())
-    except ValueError:
-        raise ValueError(f"{name} must be an int; got {value!r}") from None
-    if minimum is not None and result < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return result
-
-
-def _parse_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    text = str(value).strip()
-    if text not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return text
-
-
-def _parse_setting(key: str, value: Any) -> Any:
-    """A command-line or ini setting (a string there) as check_gradients takes it."""
-    if key == "mode":
-        return _parse_choice(key, value, MODES)
-    if key == "seed":
-        return _parse_int(key, value)
-    if key == "max_evals":
-        if str(value).strip().lower() in ("", "none"):
-            return None
-        return _parse_int(key, value, minimum=1)
-    if str(value).strip().lower() in ("", "none", "default"):
-        return None
-    return _parse_float(key, value)
-
-
-def _argtype(key: str) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        import argparse
-
-        try:
-            return _parse_setting(key, text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    convert.__name__ = key  # argparse names the converter in its error messages
-    return convert
-
-
 # ------------------------------------------------------------------------------ hooks
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gradcheck", "gradcheck: gradient checks of custom layers")
-    helps = {
-        "mode": "check mode: auto (default), full (every entry) or fast (random directions)",
-        "seed": "seed of every random choice of a check (default 0)",
-        "rtol": "relative tolerance (default: gradcheck.TOLERANCES for the model's precision)",
-        "atol": "absolute tolerance, relative to each block's largest gradient "
-        "(default: the table)",
-        "max_evals": "cap on loss evaluations per check; a check that reaches it fails",
-    }
-    metavars = {"mode": "MODE", "seed": "INT", "rtol": "FLOAT", "atol": "FLOAT", "max_evals": "N"}
-    for key, text in helps.items():
-        flag = "--gradcheck-" + key.replace("_", "-")
+    for option in OPTIONS:
+        if not option.per_session:
+            continue
+        key = option.name
         group.addoption(
-            flag,
+            "--gradcheck-" + key.replace("_", "-"),
             dest=f"gradcheck_{key}",
             default=None,
-            metavar=metavars[key],
-            type=_argtype(key),
-            help=f"{text}. Ini key: gradcheck_{key}.",
+            metavar=option.metavar,
+            type=option.argparse_type(),
+            help=f"{option.help} (default: {option.default_text}). Ini key: gradcheck_{key}.",
         )
-        parser.addini(f"gradcheck_{key}", f"gradcheck: {text}", type="string", default="")
+        parser.addini(f"gradcheck_{key}", f"gradcheck: {option.help}", type="string", default="")
     group.addoption(
         "--gradcheck-report",
         dest="gradcheck_report",
@@ -367,7 +296,7 @@ def _session_settings(config: pytest.Config) -> tuple[dict[str, Any], dict[str, 
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             continue
         try:
-            settings[key] = _parse_setting(key, raw)
+            settings[key] = BY_NAME[key].parse(raw)
         except ValueError as exc:
             raise pytest.UsageError(f"ini key gradcheck_{key}: {exc}") from None
         sources[key] = "ini"

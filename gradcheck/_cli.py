@@ -31,9 +31,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from _gradcheck_options import OPTIONS
+
 from ._api import check_gradients
 from ._errors import GradcheckInputError
-from ._options import MODES, WRTS, CheckOptions
 from ._report import Report
 
 EXIT_PASSED = 0
@@ -380,14 +381,7 @@ def _run_check(args: argparse.Namespace) -> int:
     out: Any = _Output(sys.stdout)
     err: IO[str] = sys.stderr
     started = time.perf_counter()
-    settings: dict[str, Any] = {
-        "wrt": args.wrt,
-        "mode": args.mode,
-        "seed": args.seed,
-        "rtol": args.rtol,
-        "atol": args.atol,
-        "max_evals": args.max_evals,
-    }
+    settings: dict[str, Any] = {option.name: getattr(args, option.name) for option in OPTIONS}
     cases: list[_Case] = []
     error: str | None = None
     try:
@@ -474,31 +468,6 @@ def _run_check(args: argparse.Namespace) -> int:
     return status
 
 
-def _float_arg(name: str) -> Callable[[str], float]:
-    def convert(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number; got {text!r}") from None
-        try:
-            CheckOptions(rtol=value) if name == "rtol" else CheckOptions(atol=value)
-        except GradcheckInputError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return value
-
-    return convert
-
-
-def _max_evals_arg(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive int; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive int; got {text!r}")
-    return value
-
-
 def _add_check(sub: Any) -> None:
     check = sub.add_parser(
         "check",
@@ -510,29 +479,14 @@ def _add_check(sub: Any) -> None:
     check.add_argument(
         "target", metavar="TARGET", help="path/to/file.py::name or package.module:name"
     )
-    check.add_argument("--mode", choices=MODES, default="auto", help="check mode (default: auto)")
-    check.add_argument(
-        "--seed", type=int, default=0, help="seed of every random choice (default: 0)"
-    )
-    check.add_argument(
-        "--wrt", choices=WRTS, default="all", help="which blocks to check (default: all)"
-    )
-    check.add_argument(
-        "--rtol", type=_float_arg("rtol"), default=None, help="relative tolerance (default: table)"
-    )
-    check.add_argument(
-        "--atol",
-        type=_float_arg("atol"),
-        default=None,
-        help="absolute tolerance, relative to each block's largest gradient (default: table)",
-    )
-    check.add_argument(
-        "--max-evals",
-        type=_max_evals_arg,
-        default=None,
-        metavar="N",
-        help="cap on loss evaluations per case; a case that reaches it fails",
-    )
+    for option in OPTIONS:  # every option of check_gradients, as a flag
+        check.add_argument(
+            option.flag,
+            type=option.argparse_type(),
+            default=option.default,
+            metavar=option.metavar,
+            help=f"{option.help} (default: {option.default_text})",
+        )
     check.add_argument(
         "--json", metavar="FILE", default=None, help="also write the results as JSON"
     )

@@ -1,23 +1,26 @@
-"""Options of a check and the per-precision defaults, in one visible table."""
+"""A check's options as the core takes them, and the per-precision defaults, in one visible table.
+
+The options themselves (names, defaults, allowed values, messages) are defined once, in
+``_gradcheck_options``, for every front end: this module, the pytest plugin and the CLI."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from numbers import Integral
 from types import MappingProxyType
-from typing import Literal, get_args
+from typing import Any, Literal
 
-import numpy as np
+from _gradcheck_options import BY_NAME, OPTIONS, Option, OptionValueError
 
 from ._errors import InvalidOptionError
 
+# The option values as types, for the signatures (tests/test_core.py checks them against
+# `_gradcheck_options.OPTIONS`, where the options are defined).
 Mode = Literal["auto", "full", "fast"]
 Wrt = Literal["all", "params", "inputs"]
 
-MODES: tuple[str, ...] = get_args(Mode)
-WRTS: tuple[str, ...] = get_args(Wrt)
+MODES: tuple[str, ...] = BY_NAME["mode"].choices
+WRTS: tuple[str, ...] = BY_NAME["wrt"].choices
 
 
 @dataclass(frozen=True)
@@ -69,29 +72,9 @@ class CheckOptions:
     probes: int = 1
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InvalidOptionError(f"mode must be one of {MODES}; got {self.mode!r}")
-        if isinstance(self.seed, (bool, np.bool_)) or not isinstance(self.seed, Integral):
-            raise InvalidOptionError(f"seed must be an int; got {self.seed!r}")
-        object.__setattr__(self, "seed", int(self.seed))  # np.int64(3) is the int 3
-        if not 0 <= self.seed < 2**64:
-            raise InvalidOptionError(f"seed must be an int in [0, 2**64); got {self.seed!r}")
-        for name in ("rtol", "atol"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidOptionError(f"{name} must be a number >= 0; got {value!r}")
-            if not math.isfinite(value) or value < 0:
-                raise InvalidOptionError(f"{name} must be a finite number >= 0; got {value!r}")
-        if self.max_evals is not None and (
-            isinstance(self.max_evals, bool)
-            or not isinstance(self.max_evals, int)
-            or self.max_evals < 1
-        ):
-            raise InvalidOptionError(
-                f"max_evals must be a positive int or None; got {self.max_evals!r}"
-            )
+        for option in OPTIONS:  # the public options: validated as every front end validates them
+            if hasattr(self, option.name):
+                object.__setattr__(self, option.name, _valid(option, getattr(self, option.name)))
         if not isinstance(self.max_refine, int) or self.max_refine < 0:
             raise InvalidOptionError(f"max_refine must be an int >= 0; got {self.max_refine!r}")
         if not isinstance(self.probes, int) or self.probes < 1:
@@ -109,7 +92,14 @@ class CheckOptions:
         return replace(base, **overrides) if overrides else base
 
 
+def _valid(option: Option, value: Any) -> Any:
+    """``option.validate(value)``, raising our `InvalidOptionError`."""
+    try:
+        return option.validate(value)
+    except OptionValueError as exc:
+        raise InvalidOptionError(str(exc)) from None
+
+
 def check_wrt(wrt: str) -> Wrt:
-    if wrt not in WRTS:
-        raise InvalidOptionError(f"wrt must be one of {WRTS}; got {wrt!r}")
-    return wrt  # type: ignore[return-value]
+    """``wrt`` validated (an `InvalidOptionError` names the allowed values)."""
+    return _valid(BY_NAME["wrt"], wrt)

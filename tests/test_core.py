@@ -223,8 +223,8 @@ def test_same_seed_same_report():
     [
         ({"rtol": -1.0}, "rtol must be a finite number >= 0; got -1.0"),
         ({"atol": float("nan")}, "atol must be a finite number >= 0; got nan"),
-        ({"mode": "fastest"}, "mode must be one of ('auto', 'full', 'fast'); got 'fastest'"),
-        ({"wrt": "weights"}, "wrt must be one of ('all', 'params', 'inputs'); got 'weights'"),
+        ({"mode": "fastest"}, "mode must be one of 'auto', 'full', 'fast'; got 'fastest'"),
+        ({"wrt": "weights"}, "wrt must be one of 'all', 'params', 'inputs'; got 'weights'"),
         ({"seed": 1.5}, "seed must be an int; got 1.5"),
         ({"max_evals": 0}, "max_evals must be a positive int or None; got 0"),
     ],

@@ -330,3 +330,45 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "site" / "api" / "index.html").exists()
+
+
+# ------------------------------------------------------------------ the options, defined once
+def test_every_front_end_offers_the_options_defined_once() -> None:
+    """`_gradcheck_options.OPTIONS` is the one definition: check_gradients' keywords and
+    defaults, its docstring, the CLI's flags, and the option tables of docs/pytest.md and
+    docs/ci.md are checked against it (the oracle)."""
+    from _gradcheck_options import OPTIONS
+    from gradcheck import check_gradients
+    from gradcheck._cli import build_parser
+
+    signature = inspect.signature(check_gradients).parameters
+    keywords = {k: p.default for k, p in signature.items() if k not in ("model", "x", "y", "loss")}
+    assert keywords == {option.name: option.default for option in OPTIONS}
+    doc = inspect.getdoc(check_gradients) or ""
+    for option in OPTIONS:
+        assert re.search(rf"^\s+(\w+, )?{option.name}(, \w+)?:", doc, re.M), option.name
+
+    cli_help = build_parser()._subparsers._group_actions[0].choices["check"].format_help()  # type: ignore[union-attr]
+    ci_page = (ROOT / "docs" / "ci.md").read_text(encoding="utf-8")
+    pytest_page = (ROOT / "docs" / "pytest.md").read_text(encoding="utf-8")
+    for option in OPTIONS:
+        shown = f"{option.flag} {option.metavar}"
+        assert shown in cli_help, shown
+        assert f"`{shown}`" in ci_page, f"docs/ci.md does not list `{shown}`"
+        row = next((r for r in pytest_page.splitlines() if f"| `{option.name}=` |" in r), None)
+        assert row is not None, f"docs/pytest.md has no row for {option.name}="
+        if option.per_session:
+            pytest_flag = "--gradcheck-" + option.name.replace("_", "-")
+            assert f"`{pytest_flag}={option.metavar}`" in row and f"`gradcheck_{option.name}`" in row
+        else:
+            assert "--gradcheck-" not in row and "gradcheck_" not in row
+
+
+def test_the_option_types_are_the_options_choices() -> None:
+    from typing import get_args
+
+    from _gradcheck_options import BY_NAME
+    from gradcheck._options import Mode, Wrt
+
+    assert get_args(Mode) == BY_NAME["mode"].choices
+    assert get_args(Wrt) == BY_NAME["wrt"].choices

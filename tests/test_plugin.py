@@ -350,8 +350,8 @@ def test_ini_keys_and_command_line_options(pytester: pytest.Pytester) -> None:
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("ini", "*ini key gradcheck_mode: mode must be one of auto, full, fast; got 'fastest'*"),
-        ("cmdline", "*--gradcheck-mode: mode must be one of auto, full, fast; got 'fastest'*"),
+        ("ini", "*ini key gradcheck_mode: mode must be one of 'auto', 'full', 'fast'; got 'fastest'*"),
+        ("cmdline", "*--gradcheck-mode: mode must be one of 'auto', 'full', 'fast'; got 'fastest'*"),
     ],
     ids=["ini", "cmdline"],
 )

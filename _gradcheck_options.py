@@ -1,0 +1,180 @@
+"""The options of a gradient check, defined once for every place a user gives them.
+
+``check_gradients``' keywords are validated here (``gradcheck._options.CheckOptions``); the
+pytest plugin's ``--gradcheck-*`` options, ``gradcheck_*`` ini keys and marker keywords, and
+``gradcheck check``'s flags are made from `OPTIONS` (name, default, help text, how a value is
+read from text and what values are allowed). A new option is one `Option` here, plus its
+keyword in ``check_gradients``' signature and docstring; ``tests/test_docs.py`` checks that the
+signature, the docs' tables and the command lines agree with this table.
+
+Standard library only, and outside the ``gradcheck`` package: the pytest plugin imports it in
+every pytest session of every user, before (and without) importing NumPy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from numbers import Integral, Real
+from types import MappingProxyType
+from typing import Any, Literal
+
+Kind = Literal["choice", "seed", "tolerance", "count"]
+
+#: Text that means "not set" (the default) for an option whose default is None.
+_UNSET_TEXT = ("", "none", "default")
+
+
+class OptionValueError(ValueError):
+    """A value an option does not take. The message is one line: what is expected, what came."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a check.
+
+    Attributes:
+        name: the keyword of ``check_gradients`` (``max_evals``); the flags and ini keys are
+            made from it (``--max-evals``, ``--gradcheck-max-evals``, ``gradcheck_max_evals``).
+        default: the value when the option is not given.
+        help: one line for ``--help`` texts.
+        metavar: the value's name in ``--help`` (``N``, ``FLOAT``).
+        kind: ``"choice"`` (one of ``choices``), ``"seed"`` (an int in [0, 2**64)),
+            ``"tolerance"`` (a finite number >= 0, or None), ``"count"`` (an int >= 1, or None).
+        choices: the allowed values of a ``"choice"``.
+        per_session: whether a whole test session may set it (a pytest command-line option
+            and ini key). ``wrt`` depends on each model's blocks: marker and call only.
+    """
+
+    name: str
+    default: Any
+    help: str
+    metavar: str
+    kind: Kind
+    choices: tuple[str, ...] = ()
+    per_session: bool = True
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag of ``gradcheck check``: ``--max-evals``."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def default_text(self) -> str:
+        """The default as ``--help`` texts show it."""
+        if self.kind == "tolerance":
+            return "gradcheck.TOLERANCES for the model's precision"
+        return "none" if self.default is None else str(self.default)
+
+    def validate(self, value: Any) -> Any:
+        """``value`` as a Python caller passed it, normalised (``np.int64(3)`` is ``3``).
+
+        Raises:
+            OptionValueError: the value is not allowed.
+        """
+        if self.kind == "choice":
+            if not isinstance(value, str) or value not in self.choices:
+                allowed = ", ".join(repr(c) for c in self.choices)
+                raise OptionValueError(f"{self.name} must be one of {allowed}; got {value!r}")
+            return value
+        if value is None and self.default is None:
+            return None
+        if self.kind == "tolerance":
+            if isinstance(value, bool) or not isinstance(value, Real):
+                raise OptionValueError(f"{self.name} must be a number >= 0; got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise OptionValueError(
+                    f"{self.name} must be a finite number >= 0; got {value!r}"
+                )
+            return float(value)
+        if self.kind == "count":
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise OptionValueError(
+                    f"{self.name} must be a positive int or None; got {value!r}"
+                )
+            return int(value)
+        # "seed": NumPy's bools are not Integral, Python's are
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise OptionValueError(f"{self.name} must be an int; got {value!r}")
+        if not 0 <= int(value) < 2**64:
+            raise OptionValueError(f"{self.name} must be an int in [0, 2**64); got {value!r}")
+        return int(value)
+
+    def parse(self, text: str) -> Any:
+        """A value written on a command line or in an ini file, as `validate` returns it.
+
+        Raises:
+            OptionValueError: the text is not a value of this option.
+        """
+        stripped = str(text).strip()
+        if self.kind == "choice":
+            return self.validate(stripped)
+        if self.default is None and stripped.lower() in _UNSET_TEXT:
+            return None
+        convert: Callable[[str], Any] = float if self.kind == "tolerance" else int
+        try:
+            value = convert(stripped)
+        except ValueError:
+            return self.validate(text)  # not a number: the message quotes what was written
+        return self.validate(value)
+
+    def argparse_type(self) -> Callable[[str], Any]:
+        """`parse` as an argparse ``type=``: a bad value is argparse's usage error, quoting
+        our message (pytest's command-line options go through argparse too)."""
+
+        def convert(text: str) -> Any:
+            try:
+                return self.parse(text)
+            except OptionValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        convert.__name__ = self.name  # argparse names the converter in some messages
+        return convert
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "mode",
+        "auto",
+        "check mode: auto, full (every entry) or fast (random directions)",
+        "MODE",
+        "choice",
+        choices=("auto", "full", "fast"),
+    ),
+    Option("seed", 0, "seed of every random choice of a check", "INT", "seed"),
+    Option(
+        "rtol",
+        None,
+        "relative tolerance",
+        "FLOAT",
+        "tolerance",
+    ),
+    Option(
+        "atol",
+        None,
+        "absolute tolerance, relative to each block's largest gradient",
+        "FLOAT",
+        "tolerance",
+    ),
+    Option(
+        "max_evals",
+        None,
+        "cap on loss evaluations per check; a check that reaches it fails",
+        "N",
+        "count",
+    ),
+    Option(
+        "wrt",
+        "all",
+        "which blocks to check: all, params or inputs",
+        "WHICH",
+        "choice",
+        choices=("all", "params", "inputs"),
+        per_session=False,
+    ),
+)
+
+#: `OPTIONS` by name.
+BY_NAME: Mapping[str, Option] = MappingProxyType({option.name: option for option in OPTIONS})
