@@ -21,7 +21,7 @@ from numbers import Integral, Real
 from types import MappingProxyType
 from typing import Any, Literal
 
-Kind = Literal["choice", "seed", "tolerance", "count"]
+Kind = Literal["choice", "blocks", "seed", "tolerance", "count"]
 
 #: Text that means "not set" (the default) for an option whose default is None.
 _UNSET_TEXT = ("", "none", "default")
@@ -41,11 +41,14 @@ class Option:
         default: the value when the option is not given.
         help: one line for ``--help`` texts.
         metavar: the value's name in ``--help`` (``N``, ``FLOAT``).
-        kind: ``"choice"`` (one of ``choices``), ``"seed"`` (an int in [0, 2**64)),
+        kind: ``"choice"`` (one of ``choices``), ``"blocks"`` (one of ``choices``, a block
+            name or pattern, or a list of these), ``"seed"`` (an int in [0, 2**64)),
             ``"tolerance"`` (a finite number >= 0, or None), ``"count"`` (an int >= 1, or None).
-        choices: the allowed values of a ``"choice"``.
+        choices: the allowed values of a ``"choice"``, the categories of ``"blocks"``.
         per_session: whether a whole test session may set it (a pytest command-line option
             and ini key). ``wrt`` depends on each model's blocks: marker and call only.
+        default_help: how ``--help`` texts describe the default, where ``str(default)`` would
+            not say it.
     """
 
     name: str
@@ -55,6 +58,7 @@ class Option:
     kind: Kind
     choices: tuple[str, ...] = ()
     per_session: bool = True
+    default_help: str = ""
 
     @property
     def flag(self) -> str:
@@ -64,8 +68,8 @@ class Option:
     @property
     def default_text(self) -> str:
         """The default as ``--help`` texts show it."""
-        if self.kind == "tolerance":
-            return "gradcheck.TOLERANCES for the model's precision"
+        if self.default_help:
+            return self.default_help
         return "none" if self.default is None else str(self.default)
 
     def validate(self, value: Any) -> Any:
@@ -79,6 +83,19 @@ class Option:
                 allowed = ", ".join(repr(c) for c in self.choices)
                 raise OptionValueError(f"{self.name} must be one of {allowed}; got {value!r}")
             return value
+        if self.kind == "blocks":
+            items = (value,) if isinstance(value, str) else value
+            if (
+                not isinstance(items, (list, tuple))
+                or not items
+                or not all(isinstance(item, str) and item.strip() for item in items)
+            ):
+                allowed = ", ".join(repr(c) for c in self.choices)
+                raise OptionValueError(
+                    f"{self.name} must be {allowed}, a block name or pattern, or a list of "
+                    f"these; got {value!r}"
+                )
+            return value if isinstance(value, str) else tuple(items)
         if value is None and self.default is None:
             return None
         if self.kind == "tolerance":
@@ -111,6 +128,9 @@ class Option:
         stripped = str(text).strip()
         if self.kind == "choice":
             return self.validate(stripped)
+        if self.kind == "blocks":  # comma-separated: "params,input"
+            items = tuple(item.strip() for item in stripped.split(","))
+            return self.validate(items[0] if len(items) == 1 else items)
         if self.default is None and stripped.lower() in _UNSET_TEXT:
             return None
         convert: Callable[[str], Any] = float if self.kind == "tolerance" else int
@@ -150,6 +170,7 @@ OPTIONS: tuple[Option, ...] = (
         "relative tolerance",
         "FLOAT",
         "tolerance",
+        default_help="gradcheck.TOLERANCES for the model's precision",
     ),
     Option(
         "atol",
@@ -157,6 +178,7 @@ OPTIONS: tuple[Option, ...] = (
         "absolute tolerance, relative to each block's largest gradient",
         "FLOAT",
         "tolerance",
+        default_help="gradcheck.TOLERANCES for the model's precision",
     ),
     Option(
         "max_evals",
@@ -166,11 +188,21 @@ OPTIONS: tuple[Option, ...] = (
         "count",
     ),
     Option(
+        "nondet_tol",
+        None,
+        "how far two backward passes at the same point may differ, relative to each block's "
+        "largest gradient (given: checked in every mode)",
+        "FLOAT",
+        "tolerance",
+        default_help="checked in full mode only, within atol's floor",
+    ),
+    Option(
         "wrt",
         "all",
-        "which blocks to check: all, params or inputs",
+        "which blocks to check: all, params, inputs, or block names or patterns "
+        "(comma-separated)",
         "WHICH",
-        "choice",
+        "blocks",
         choices=("all", "params", "inputs"),
         per_session=False,
     ),

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import InvalidOptionError, ModelError, NonFiniteError, ShapeMismatchError
 from ._fast import run_fast
 from ._full import _FullBlock
 from ._numerics import (
@@ -23,6 +22,13 @@ from ._numerics import (
 from ._options import CheckOptions, Mode, Tolerance
 from ._problem import Block, FlatProblem
 from ._report import MAX_ROWS, BlockResult, Entry, Report
+from ._verdict import block_floor, repeats
+from .errors import (
+    InvalidOptionError,
+    ModelError,
+    NonFiniteError,
+    ShapeMismatchError,
+)
 
 #: ``mode="auto"`` checks every entry up to this many parameters, and probes directions above.
 AUTO_FULL_LIMIT = 20_000
@@ -229,7 +235,7 @@ def _run_check(
     # whose verdicts are replaced)
     raw = g
     broken = {
-        id(b): _not_finite(b, g) for b in problem.blocks if not np.all(np.isfinite(g[b.slice]))
+        id(b): _not_finite(b, g) for b in problem.blocks if not _all_finite(g[b.slice])
     }
     if broken:
         g = np.where(np.isfinite(g), g, 0.0)
@@ -237,7 +243,10 @@ def _run_check(
     blocks: list[BlockResult] = []
     numeric_all: np.ndarray | None = None
     issue: str | None = None
+    unstable: dict[int, BlockResult] = {}
     try:
+        if options.nondet_tol is not None or mode == "full":
+            unstable = _unrepeatable(problem, ev, raw, tol, options.nondet_tol)
         if mode == "full":
             numeric_all = np.full(problem.size, np.nan)
             blocks, issue = _run_full(
@@ -261,6 +270,8 @@ def _run_check(
         numeric_all = None
     if mode == "fast":
         blocks = [broken.get(id(b), r) for b, r in zip(problem.blocks, blocks, strict=True)]
+    if unstable and issue is None:
+        blocks = [unstable.get(id(b), r) for b, r in zip(problem.blocks, blocks, strict=True)]
     return Report(
         blocks=tuple(blocks),
         mode=mode,
@@ -281,10 +292,76 @@ def _run_check(
     )
 
 
+def _unrepeatable(
+    problem: FlatProblem,
+    ev: Evaluator,
+    first: np.ndarray,
+    tol: Tolerance,
+    nondet_tol: float | None,
+) -> dict[int, BlockResult]:
+    """The blocks whose backward gives another gradient when called again at the same point
+    (rule 6 of `gradcheck._verdict`), failed: a gradient that varies from call to call cannot
+    be compared with numerical derivatives, and varies in the user's training too. Each
+    block may differ by ``nondet_tol`` times its largest gradient, or (not given) by its
+    ``atol`` floor (`block_floor`, on the analytic scale)."""
+    second = _analytic(problem)
+    ev.charge(1)
+    finite = np.abs(first[np.isfinite(first)])
+    grad_scale = float(finite.max()) if finite.size else 0.0
+    failed: dict[int, BlockResult] = {}
+    for block in problem.blocks:
+        a, b = first[block.slice], second[block.slice]
+        part = np.abs(a[np.isfinite(a)])
+        scale = float(part.max()) if part.size else 0.0
+        own = block_floor(tol, scale, grad_scale)
+        allowed = own if nondet_tol is None else nondet_tol * scale
+        differ = np.flatnonzero(repeats(a, b, allowed))
+        if not differ.size:
+            continue
+        with np.errstate(invalid="ignore"):
+            gap = np.abs(a - b)
+        order = differ[np.argsort(-np.nan_to_num(gap[differ], nan=np.inf), kind="stable")]
+        worst = tuple(
+            Entry(
+                index=block.index(int(i)),
+                analytic=float(a[i]),
+                numeric=float(b[i]),
+                error=0.0,
+                tolerance=allowed,
+            )
+            for i in order[:MAX_ROWS]
+        )
+        largest = float(np.nanmax(gap[differ])) if np.any(np.isfinite(gap[differ])) else math.inf
+        given = "" if nondet_tol is None else f", nondet_tol={nondet_tol:g}"
+        failed[id(block)] = BlockResult(
+            name=block.name,
+            shape=block.shape,
+            kind=block.kind,
+            checked=block.size,
+            size=block.size,
+            mismatches=int(differ.size),
+            worst=worst,
+            max_abs_diff=largest,
+            max_rel_diff=largest / scale if scale else math.inf,
+            diagnosis=(
+                "the backward is not deterministic: called twice at the same point it gave "
+                f"other values (up to {largest:.2g} apart, {allowed:.2g} allowed{given}); "
+                "the table's 'analytic' is the first pass and 'numeric' the second"
+            ),
+        )
+    return failed
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    """``np.all(np.isfinite(a))`` without a temporary of ``a``'s size (a NaN or an Inf makes
+    the largest or the smallest entry not finite)."""
+    return not a.size or (math.isfinite(float(a.max())) and math.isfinite(float(a.min())))
+
+
 def _check_start(problem: FlatProblem) -> None:
     """The starting point must be finite: a step from an Inf or NaN parameter means nothing."""
     theta = problem.theta0
-    if np.all(np.isfinite(theta)):
+    if _all_finite(theta):
         return
     for block in problem.blocks:
         part = theta[block.slice]
@@ -308,6 +385,7 @@ def check_flat(
     rtol: float | None = None,
     atol: float | None = None,
     max_evals: int | None = None,
+    nondet_tol: float | None = None,
 ) -> Report:
     """Check ``gradient`` against numerical derivatives of ``loss`` at ``theta0``.
 
@@ -329,7 +407,9 @@ def check_flat(
         >>> check_flat(lambda t: float(np.sum(t**3)), lambda t: 2 * t**2, np.arange(4.0)).passed
         False
     """
-    opts = CheckOptions(mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals)
+    opts = CheckOptions(
+        mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals, nondet_tol=nondet_tol
+    )
     if isinstance(loss, FlatProblem):
         given = {"gradient": gradient, "theta0": theta0, "blocks": blocks}
         extra = [name for name, value in given.items() if value is not None]

@@ -1,7 +1,9 @@
 """The ``gradcheck`` command (also ``python -m gradcheck``).
 
 - ``gradcheck demo``: the reference MLP, correct and buggy, through every installed adapter.
-- ``gradcheck check TARGET``: check the cases a user's function returns; for CI. Exit status
+- ``gradcheck check TARGET``: check the cases a user's function returns (models, checked with
+  ``check_gradients``; low-precision kernels, checked against a reference with
+  ``check_kernel``); for CI. Exit status
   0 only when there was at least one case and every case passed; 1 when a check fails; 2 for
   usage or import errors, for cases that could not be checked (the message names the case),
   and for a run that was interrupted.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -34,8 +37,9 @@ import numpy as np
 from _gradcheck_options import OPTIONS
 
 from ._api import check_gradients
-from ._errors import GradcheckInputError
+from ._reference_check import check_kernel
 from ._report import Report
+from .errors import GradcheckInputError
 
 EXIT_PASSED = 0
 EXIT_FAILED = 1
@@ -120,7 +124,12 @@ TARGET names a function (or a module-level value) in a file or a module:
 
 It must give one case, a tuple (model, x, y) or (model, x, y, loss) (y may be None);
 or a list of such cases; or a dict {name: case}. A case may also be a function
-returning a tuple. Each case is checked with gradcheck.check_gradients.
+returning a case. Each tuple is checked with gradcheck.check_gradients.
+
+A low-precision kernel is a case too: a dict of gradcheck.check_kernel's arguments,
+{"kernel": ..., "reference": ..., "x": ...} (and "y", "loss", "k", "precision",
+"check_reference", "seed" if needed), checked against its reference with check_kernel.
+Of the options, only --seed applies to it (a "seed" in the case wins).
 
 exit status: 0 every case passes; 1 a check fails; 2 a usage or import error, no
 cases at all, a case that could not be checked (the message names it), or an
@@ -254,21 +263,64 @@ def _resolve_target(target: str) -> tuple[str, Any]:
     return name, obj
 
 
-def _as_case(value: Any) -> tuple[Any, Any, Any, Any]:
+#: The keys of a kernel case: `check_kernel`'s arguments.
+_KERNEL_CASE_KEYS: tuple[str, ...] = tuple(inspect.signature(check_kernel).parameters)
+
+
+def _is_kernel_case(value: Any) -> bool:
+    """A dict with ``"kernel"`` and ``"reference"``: `check_kernel`'s arguments, one case
+    (never a dict of named cases)."""
+    return isinstance(value, dict) and "kernel" in value and "reference" in value
+
+
+def _build(value: Any) -> Any:
+    """A case builder's case (a case that is a function is called)."""
     if callable(value) and not isinstance(value, (tuple, list, dict)):
         try:
-            value = value()
+            return value()
         except BaseException as exc:
             raise _user_error(exc, "building the case", "building the case raised") from exc
+    return value
+
+
+def _as_case(value: Any) -> tuple[Any, Any, Any, Any]:
     if not isinstance(value, tuple) or len(value) not in (3, 4):
         what = (
             f"a tuple of length {len(value)}"
             if isinstance(value, tuple)
             else f"a {type(value).__name__}"
         )
-        raise _UsageError(f"expected (model, x, y) or (model, x, y, loss); got {what}")
+        raise _UsageError(
+            f"expected (model, x, y) or (model, x, y, loss); got {what}"
+            + (
+                ""
+                if isinstance(value, tuple)
+                else " (a kernel case is a dict with the keys 'kernel', 'reference' and 'x')"
+            )
+        )
     model, x, y, *rest = value
     return model, x, y, (rest[0] if rest else None)
+
+
+def _kernel_arguments(value: dict[Any, Any], seed: int) -> dict[str, Any]:
+    """`check_kernel`'s keyword arguments for a kernel case, ``seed`` unless it gives one."""
+    unknown = [key for key in value if key not in _KERNEL_CASE_KEYS]
+    if unknown:
+        raise _UsageError(
+            f"a kernel case got unknown key {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(_KERNEL_CASE_KEYS)}"
+        )
+    return {"seed": seed, **value}
+
+
+def _check_case(value: Any, settings: dict[str, Any]) -> Report:
+    """Build the case and check it: a kernel case with `check_kernel`, a tuple with
+    `check_gradients`."""
+    value = _build(value)
+    if _is_kernel_case(value):
+        return check_kernel(**_kernel_arguments(value, settings["seed"]))
+    model, x, y, loss = _as_case(value)
+    return check_gradients(model, x, y, loss=loss, **settings)
 
 
 def _collect_cases(name: str, obj: Any) -> list[tuple[str, Any]]:
@@ -278,7 +330,7 @@ def _collect_cases(name: str, obj: Any) -> list[tuple[str, Any]]:
             obj = obj()
         except BaseException as exc:
             raise _user_error(exc, f"calling {name}()", f"{name}() raised") from exc
-    if isinstance(obj, tuple):
+    if isinstance(obj, tuple) or _is_kernel_case(obj):
         return [(name, obj)]
     if isinstance(obj, dict):
         cases = [(f"{name}[{key}]", value) for key, value in obj.items()]
@@ -287,7 +339,8 @@ def _collect_cases(name: str, obj: Any) -> list[tuple[str, Any]]:
     else:
         raise _UsageError(
             f"{name} must give a case (model, x, y[, loss]), a list of cases or a dict of "
-            f"named cases; got a {type(obj).__name__}"
+            "named cases (a kernel case is a dict with the keys 'kernel', 'reference' and "
+            f"'x'); got a {type(obj).__name__}"
         )
     if not cases:  # nothing checked is not a pass
         raise _UsageError(f"{name} gave no cases (an empty {type(obj).__name__}): nothing to check")
@@ -396,8 +449,7 @@ def _run_check(args: argparse.Namespace) -> int:
         cases.append(case)
         progress.start(index, case_name)
         try:
-            model, x, y, loss = _as_case(value)
-            case.report = check_gradients(model, x, y, loss=loss, **settings)
+            case.report = _check_case(value, settings)
         except _UsageError as exc:
             case.error = str(exc)
         except GradcheckInputError as exc:  # the model's own error, if any, says where
@@ -472,7 +524,8 @@ def _add_check(sub: Any) -> None:
     check = sub.add_parser(
         "check",
         help="check the cases a function returns (for CI)",
-        description="Check the gradients of the models in TARGET; for CI.",
+        description="Check the gradients of the models (and the low-precision kernels) in "
+        "TARGET; for CI.",
         epilog=_CHECK_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

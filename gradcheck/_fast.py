@@ -3,7 +3,7 @@
 Along a direction ``v`` the analytic directional derivative is ``g . v``; the
 numerical one is a central difference of ``t -> loss(theta0 + t v)``. Directions
 have entries ``±(1 + u) * max(|theta_i|, 1) * n_b ** (-1/3)`` with ``u`` uniform in
-[0, 1) and ``n_b`` the size of the entry's block (see `_block_weights`): every
+[0, 1) and ``n_b`` the size of the entry's block (see `_block_factors`): every
 entry of a block takes part with a weight of at least that block's (a single wrong
 entry always shows), and several wrong entries cancel only with vanishing
 probability.
@@ -20,31 +20,34 @@ kink test and, at a kink, the backward beside it, before it fails, unless its
 disagreement is plainly smooth, in which case the wrong entry localisation names
 is what fails it. The blocks' verdicts are the check's.
 
-The tolerance is the estimated numerical error (times ``safety``), plus the
-round-off of the dot product, plus ``rtol`` times what one typical entry
-contributes to the directional derivative. It is never scaled by the size of the
-block. A failing block is searched for its wrong entries: the discrepancy is
+A direction is judged by the rules entries are judged by (`gradcheck._verdict`), as a case
+of length one. Its absolute allowance is the round-off of the dot product plus ``rtol``
+times what one typical entry contributes to the directional derivative, and it has no
+relative one (``rtol`` of the whole sum would hide one wrong entry): never scaled by the
+size of the block. A failing block is searched for its wrong entries: the discrepancy is
 linear in the direction, so probing part of the support tells how much of it that
 part holds. Residuals along rank-weighted directions read where a single wrong
 entry lies, to within what the measured noise allows (`_Probe.pinpoint`; at a
 million entries, three readings usually name it), bisection takes over for what
-they leave, and each entry found is then judged by full mode's own code
+they leave, and each entry found is then refined and judged as full mode judges it
 (`gradcheck._full.judge_entries`).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from . import _memory
 from ._diagnosis import diagnose
-from ._full import RESOLUTION, full_block, judge_entries
+from ._full import full_block, judge_entries
 from ._numerics import (
-    REFINE_FACTORS,
     Differences,
     Evaluator,
     Refined,
@@ -60,6 +63,16 @@ from ._numerics import (
 from ._options import CheckOptions, Tolerance
 from ._problem import Block, FlatProblem
 from ._report import MAX_ROWS, BlockResult, Entry
+from ._verdict import (
+    RESOLUTION,
+    agrees,
+    allowance,
+    beside_agrees,
+    block_floor,
+    decide,
+    direction_floor,
+    unresolved_mask,
+)
 
 #: wrong entries localisation names per failing block before it stops
 MAX_LOCALIZE = 5
@@ -107,6 +120,7 @@ class _Verdict:
     noise: tuple[float, float] = (math.inf, math.inf)
     unmeasured: bool = False  # the loss is not finite on both sides at any step tried
     invisible: bool = False  # passed: the loss is flat and g . v too small to show
+    floor: float = 0.0  # the direction's absolute allowance (see `gradcheck._verdict`)
 
     @property
     def residual(self) -> float:
@@ -124,6 +138,18 @@ class _Line:
         self.ev, self.g, self.start, self.tol = ev, g, start, tol
         self._positions: np.ndarray | None = None
         self._scratch: np.ndarray | None = None
+        self._piece = np.empty(min(CHUNK, max(g.size, 1)))  # temporaries of `_sums`
+        self.blocks = list(ev.problem.blocks)
+        self._scales: list[float] | None = None  # max |g| per block
+        #: per drawn direction (`draw`), its (g . v, ||g * v||**2, sum |g * v|) per
+        #: block, kept as long as the direction lives (see `sums`)
+        self._known: weakref.WeakValueDictionary[int, np.ndarray] = (
+            weakref.WeakValueDictionary()
+        )
+        self._block_sums: dict[int, list[tuple[float, float, float]]] = {}
+        self._block_index = {id(b): k for k, b in enumerate(self.blocks)}
+        self._first_block = {b.offset: k for k, b in reversed(list(enumerate(self.blocks)))}
+        self._last_block = {b.offset + b.size: k for k, b in enumerate(self.blocks)}
         #: the largest allowance of a direction that agreed (what a block's share of
         #: ``g . v`` must stand out from to be resolved), and the first direction across all
         #: blocks that agreed (see `_Probe.resolved`)
@@ -138,7 +164,74 @@ class _Line:
     @functools.cached_property
     def grad_scale(self) -> float:
         """The largest analytic gradient (what full mode's ``atol`` floor also counts)."""
-        return float(np.max(np.abs(self.g))) if self.g.size else 0.0
+        return max(self.scales(), default=0.0)
+
+    def scales(self) -> list[float]:
+        """The largest ``|g|`` of each block (one chunked pass, made once per check)."""
+        if self._scales is None:
+            g = self.g  # (finite: the check zeroes what is not before fast mode)
+            self._scales = [
+                max(float(g[b.slice].max()), -float(g[b.slice].min())) if b.size else 0.0
+                for b in self.blocks
+            ]
+        return self._scales
+
+    def scale(self, block: Block) -> float:
+        """The largest ``|g|`` of ``block`` (one of the problem's blocks)."""
+        k = self._block_index.get(id(block))
+        return self.scales()[self.blocks.index(block) if k is None else k]
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """A random direction (`_direction`), with what every check of it needs (`sums`,
+        block by block) computed in the same pass, a chunk at a time while it is in cache,
+        and kept for as long as the direction lives; the blocks' `scales` too, the first
+        time."""
+        need_scales = self._scales is None
+        per_block = [[0.0, 0.0, 0.0] for _ in self.blocks]
+        tops = [0.0] * len(self.blocks)
+        g, piece = self.g, self._piece
+        offsets = [b.offset for b in self.blocks]
+
+        def visit(start: int, part: np.ndarray) -> None:
+            for k, lo, hi in _segments(self.blocks, offsets, start, start + part.size):
+                terms = np.multiply(g[lo:hi], part[lo - start : hi - start], out=piece[: hi - lo])
+                sums = per_block[k]
+                sums[0] += float(np.sum(terms))
+                sums[1] += _dot(terms, terms)
+                sums[2] += float(np.sum(np.abs(terms, out=terms)))
+                if need_scales:  # (two reductions that write nothing; g is finite)
+                    tops[k] = max(tops[k], float(g[lo:hi].max()), -float(g[lo:hi].min()))
+
+        v = _direction(rng, self.ev.problem, self.tol, visit)
+        if need_scales:
+            self._scales = tops
+        self._known[id(v)] = v
+        self._block_sums[id(v)] = [(a, b, c) for a, b, c in per_block]
+        return v
+
+    def sums(self, v: np.ndarray, support: Support) -> tuple[float, float, float]:
+        """``g . v``, ``|| g * v ||**2`` and ``sum |g * v|`` over ``support``: added up from
+        the blocks' where ``v`` is a remembered direction and ``support`` whole blocks,
+        else in one chunked pass (temporaries of a chunk, not of P entries)."""
+        if isinstance(support, slice) and self._known.get(id(v)) is v:
+            first = self._first_block.get(support.start)
+            last = self._last_block.get(support.stop)
+            if first is not None and last is not None and first <= last:
+                parts = self._block_sums[id(v)][first : last + 1]
+                return (
+                    sum(p[0] for p in parts),
+                    sum(p[1] for p in parts),
+                    sum(p[2] for p in parts),
+                )
+        g, w = self.g[support], v[support]
+        dot = squares = magnitude = 0.0
+        for lo in range(0, g.size, CHUNK):
+            hi = min(lo + CHUNK, g.size)
+            terms = np.multiply(g[lo:hi], w[lo:hi], out=self._piece[: hi - lo])
+            dot += float(np.sum(terms))
+            squares += _dot(terms, terms)
+            magnitude += float(np.sum(np.abs(terms, out=terms)))
+        return dot, squares, magnitude
 
     def positions(self, span: slice) -> np.ndarray:
         """The indices ``span`` covers, as a view of one array made once per check."""
@@ -193,19 +286,11 @@ class _Line:
         error = 2.0 * float(small.roundoff(self.tol)[0])
         return value, error, small
 
-    def slack(self, v: np.ndarray, support: Support, count: int) -> float:
+    def slack(self, squares: float, magnitude: float, count: int) -> float:
         """What a direction is allowed beyond ``safety`` x its error: round-off of the dot
-        product + rtol x one entry's typical share."""
-        tol = self.tol
-        g, w = self.g[support], v[support]
-        squares = magnitude = 0.0
-        for start in range(0, g.size, CHUNK):  # temporaries of a chunk, not of P entries
-            terms = g[start : start + CHUNK] * w[start : start + CHUNK]
-            squares += float(np.dot(terms, terms))
-            np.abs(terms, out=terms)
-            magnitude += float(np.sum(terms))
+        product + rtol x one entry's typical share (from its `sums`)."""
         typical = math.sqrt(squares) / math.sqrt(max(count, 1))
-        return tol.noise * tol.eps * magnitude + tol.rtol * typical
+        return direction_floor(self.tol, magnitude, typical)
 
     def check(
         self,
@@ -229,17 +314,20 @@ class _Line:
         a direction that agrees is refined too (with larger steps where round-off
         dominates) until ``safety * error`` is at most ``resolve``, where it can be.
         """
-        tol, g = self.tol, self.g
-        analytic = float(np.dot(g[support], v[support]))
+        tol = self.tol
+        analytic, squares, magnitude = self.sums(v, support)
         fp, fm, step = self.ends(v, support, tol.step)
 
         noise = (math.inf, math.inf)
-        dot_slack = self.slack(v, support, count)
+        dot_slack = self.slack(squares, magnitude, count)
 
         def verdict(numeric: float, error: float, passed: bool | None = None) -> _Verdict:
-            allowed = tol.safety * error + dot_slack
-            ok = abs(analytic - numeric) <= allowed if passed is None else passed
-            return _Verdict(ok, analytic, numeric, error, allowed, step / tol.step, noise=noise)
+            # a direction's allowance: its floor, and no rtol of the whole sum (`_verdict`)
+            allowed = float(allowance(tol, numeric, error, dot_slack, 0.0))
+            ok = bool(agrees(analytic, numeric, allowed)) if passed is None else passed
+            return _Verdict(
+                ok, analytic, numeric, error, allowed, step / tol.step, noise=noise, floor=dot_slack
+            )
 
         if not (math.isfinite(fp) and math.isfinite(fm)):
             # not measurable along this direction: narrowed down to blocks, where full
@@ -282,21 +370,17 @@ class _Line:
             tol,
             np.array([wanted]),
         )
-        result = verdict(float(r.numeric[0]), float(r.error[0]))
-        # a loss that did not change at all at any step cannot show a directional derivative
-        # whose effect over the largest step is below the resolution of values of
-        # magnitude max(|f|, 1) (as full mode judges an entry)
-        resolution = tol.noise * tol.eps * max(abs(f0), 1.0)
-        invisible = bool(r.flat[0]) and abs(analytic) * REFINE_FACTORS[0] * step <= resolution
-        if result.passed or invisible:
-            return replace(verdict(result.numeric, result.error, True), invisible=invisible)
-        if not bool(r.kink[0]):
-            return result
-        slack = result.allowed + tol.safety * float(r.one_sided_noise[0])
-        inside = bool(r.lo[0] - slack <= analytic <= r.hi[0] + slack)
-        return verdict(result.numeric, result.error, inside or self.beside(v, support, r, slack))
+        d = decide(np.array([analytic]), r, dot_slack, 0.0, tol, f0, np.array([step]))
+        passed = bool(d.ok[0] or d.tiny[0]) or (
+            bool(d.beside[0]) and self.beside(v, support, r, dot_slack)
+        )
+        return replace(
+            verdict(float(r.numeric[0]), float(r.error[0]), passed),
+            allowed=float(d.allowed[0]),
+            invisible=bool(d.tiny[0]),
+        )
 
-    def beside(self, v: np.ndarray, support: Support, r: Refined, slack: float) -> bool:
+    def beside(self, v: np.ndarray, support: Support, r: Refined, floor: float) -> bool:
         """Whether the backward just off a kink along ``v`` matches the one-sided derivatives.
 
         Where ``g . v`` is no one-sided derivative at a kink, several kinks may coincide
@@ -313,9 +397,8 @@ class _Line:
             theta[support] = ev.representable(theta[support] + sign * step * v[support])
             ev.charge(1)
             g = np.asarray(problem.gradient(theta), dtype=np.float64)
-            if not abs(float(np.dot(g[support], v[support])) - expected) <= (
-                slack + tol.rtol * abs(expected)
-            ):
+            along = _dot(g[support], v[support])
+            if not beside_agrees(along, expected, float(r.one_sided_noise[0]), floor, 0.0, tol):
                 return False
         return True
 
@@ -327,13 +410,18 @@ class _Probe:
         self.line, self.blocks = line, blocks
         self.ev, self.g, self.tol = line.ev, line.g, line.tol
         self.span = _span(blocks)
-        self.members = line.positions(self.span)
+        self.count = self.span.stop - self.span.start
         self.shrink = 1.0  # of the failing direction being localised (see `_Verdict`)
         self._first: dict[int, tuple[Differences, np.ndarray]] = {}  # see `first_pass`
 
     @property
     def f0(self) -> float:
         return self.line.f0
+
+    @functools.cached_property
+    def members(self) -> np.ndarray:
+        """The indices of the span (only localisation needs them)."""
+        return self.line.positions(self.span)
 
     def block_of(self, i: int) -> Block:
         """The block holding entry ``i`` (absolute index)."""
@@ -347,7 +435,7 @@ class _Probe:
         """
         w = _memory.copy(v)
         w[entries] = 0.0
-        count = self.members.size - len(entries)
+        count = self.count - len(entries)
         return self.line.check(w, self.span, count, refine=refine)
 
     def residual(self, v: np.ndarray, members: np.ndarray) -> float:
@@ -358,7 +446,7 @@ class _Probe:
         domain, the curvature is large, and two steps are extrapolated instead.
         """
         line, support = self.line, _contiguous(members)
-        analytic = float(np.dot(self.g[support], v[support]))
+        analytic = _dot(self.g[support], v[support])
         step = self.tol.step
         if self.shrink >= 1.0:
             d = line.differences(v, support, step)
@@ -386,8 +474,8 @@ class _Probe:
         """
         tol, g = self.tol, self.g
         block = self.block_of(i)
-        scale = float(np.max(np.abs(g[block.slice])))
-        floor = tol.atol * scale + 64.0 * tol.eps * max(self.line.grad_scale, scale)
+        scale = self.line.scale(block)
+        floor = block_floor(tol, scale, self.line.grad_scale)
         first, h = self.first_pass(i)
         idx = np.array([i])
         judged = judge_entries(self.ev, idx, g[idx], h, first, self.f0, tol, floor)
@@ -589,7 +677,7 @@ class _Probe:
                 return self.entrywise(b)
             if not verdict.passed:
                 failures.append((v, verdict))
-        result = _passed(b, self.g, probes)
+        result = _passed(b, self.line.scale(b), probes)
         if not failures:
             return result
         v, verdict = failures[0]
@@ -609,7 +697,7 @@ class _Probe:
         `ENTRYWISE_LIMIT` entries; above, the block is unresolved."""
         if b.size > ENTRYWISE_LIMIT:
             return replace(
-                _passed(b, self.g, 1),
+                _passed(b, self.line.scale(b), 1),
                 unresolved=1,
                 note=(
                     "the loss is not finite on both sides along the probe, at any step tried; "
@@ -627,7 +715,7 @@ class _Probe:
         v = directions[0] if directions else line.direction
         if v is None or result.unit == "entries":  # judged entry by entry, by full mode's rules
             return result
-        share = _share(self.g, v, b.slice)
+        share = math.sqrt(line.sums(v, b.slice)[1])
         if line.allowance <= RESOLUTION * share:
             return result
         verdict = line.check(v, b.slice, b.size, resolve=RESOLUTION * share)
@@ -636,9 +724,15 @@ class _Probe:
         if not verdict.passed:
             found, finished = self.localize(v, verdict)
             return _failed(result, 1, found, finished, verdict.analytic, verdict.numeric)
-        if tol.safety * verdict.error <= RESOLUTION * max(
-            share, abs(verdict.analytic), abs(verdict.numeric)
-        ) or verdict.invisible:
+        vague = unresolved_mask(
+            tol,
+            np.array([verdict.analytic]),
+            np.array([verdict.numeric]),
+            np.array([verdict.error]),
+            share,
+            verdict.floor,
+        )
+        if not vague[0] or verdict.invisible:
             return result
         return replace(
             result,
@@ -651,18 +745,16 @@ class _Probe:
         )
 
 
-def _share(g: np.ndarray, v: np.ndarray, span: slice) -> float:
-    """``|| g * v ||`` over ``span``: the size of the block's part of ``g . v`` (chunked)."""
-    total = 0.0
-    for start in range(span.start, span.stop, CHUNK):
-        stop = min(start + CHUNK, span.stop)
-        terms = g[start:stop] * v[start:stop]
-        total += float(np.dot(terms, terms))
-    return math.sqrt(total)
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """``a . b`` without BLAS: a BLAS dot may start its own threads, which at a million
+    entries fight the framework's (XLA's, torch's) for the cores and cost tens of ms; the
+    library leaves the user's thread settings alone, so it sums in one thread itself."""
+    return float(np.einsum("i,i->", a, b))
 
 
-def _passed(block: Block, g: np.ndarray, probes: int) -> BlockResult:
-    """A block along which every one of the ``probes`` directions agreed."""
+def _passed(block: Block, scale: float, probes: int) -> BlockResult:
+    """A block along which every one of the ``probes`` directions agreed (``scale``: its
+    largest analytic gradient)."""
     return BlockResult(
         name=block.name,
         shape=block.shape,
@@ -671,7 +763,7 @@ def _passed(block: Block, g: np.ndarray, probes: int) -> BlockResult:
         size=block.size,
         mismatches=0,
         unit="directions",
-        scale=float(np.max(np.abs(g[block.slice]))) if block.size else 0.0,
+        scale=scale,
     )
 
 
@@ -748,42 +840,73 @@ def _direction_diagnosis(ratio: float) -> str | None:
     return None
 
 
-def _block_weights(problem: FlatProblem, tol: Tolerance) -> np.ndarray:
-    """Per entry, how far a direction moves it relative to a coordinate step.
+def _block_factors(problem: FlatProblem, tol: Tolerance) -> list[float]:
+    """Per block, how far a direction moves its entries relative to a coordinate step:
+    ``n_b ** (-1/3)`` in float64, ``n_b`` the size of the block.
 
-    ``max(|theta_i|, 1) * n_b ** (-1/3)`` in float64, ``n_b`` the size of the
-    entry's block: along a random direction in ``n`` entries the curvature adds up
-    over the entries (the truncation error of a difference grows about as ``n``,
-    ``g . v`` as its square root), the round-off does not; the smaller step keeps
-    the two balanced. Each block's part of a direction across all blocks moves as a
-    probe of that block alone would, so that a block of few entries is seen at its
-    own resolution, not at that of the largest block. In float32 the factor is 1:
-    rounding the perturbed point to float32 would swamp smaller moves.
+    Along a random direction in ``n`` entries the curvature adds up over the entries
+    (the truncation error of a difference grows about as ``n``, ``g . v`` as its square
+    root), the round-off does not; the smaller step keeps the two balanced. Each block's
+    part of a direction across all blocks moves as a probe of that block alone would,
+    so that a block of few entries is seen at its own resolution, not at that of the
+    largest block. In float32 the factor is 1: rounding the perturbed point to float32
+    would swamp smaller moves.
     """
-    weights = np.abs(problem.theta0, out=_memory.empty(problem.size))
-    np.maximum(weights, 1.0, out=weights)
-    if tol.eps <= 1e-12:
-        for b in problem.blocks:
-            weights[b.slice] *= max(b.size, 1) ** (-1.0 / 3.0)
-    return weights
+    if tol.eps > 1e-12:
+        return [1.0] * len(problem.blocks)
+    return [max(b.size, 1) ** (-1.0 / 3.0) for b in problem.blocks]
 
 
-def _direction(rng: np.random.Generator, problem: FlatProblem, tol: Tolerance) -> np.ndarray:
+def _direction(
+    rng: np.random.Generator,
+    problem: FlatProblem,
+    tol: Tolerance,
+    visit: Callable[[int, np.ndarray], None] | None = None,
+) -> np.ndarray:
     """Entries ``±(1 + u) * w_i``, ``u`` uniform on [0, 1) (a grid of 2**-23), independent
-    signs, ``w`` the `_block_weights` (made again for each direction: one O(P) array fewer).
+    signs, ``w_i = max(|theta_i|, 1)`` times its block's factor (`_block_factors`).
 
     Each entry takes 32 random bits: 23 for the mantissa of a float32 in [1, 2), one for
-    its sign (no float arithmetic, and half the random bits of a float64 draw).
+    its sign (no float arithmetic, and half the random bits of a float64 draw). Made in
+    one pass, a chunk at a time (temporaries of a chunk, not of P entries); ``visit(start,
+    part)`` is shown each finished chunk, while it is in cache.
     """
-    v = _block_weights(problem, tol)
+    theta0, blocks = problem.theta0, list(problem.blocks)
+    offsets = [b.offset for b in blocks]
+    factors = _block_factors(problem, tol)
+    v = _memory.empty(problem.size)
     source = rng.bit_generator
-    for start in range(0, v.size, CHUNK):  # temporaries of a chunk, not of P entries
-        part = v[start : start + CHUNK]
+    for start in range(0, v.size, CHUNK):
+        stop = min(start + CHUNK, v.size)
+        part = v[start:stop]
+        np.abs(theta0[start:stop], out=part)
+        np.maximum(part, 1.0, out=part)
+        for k, lo, hi in _segments(blocks, offsets, start, stop):
+            if factors[k] != 1.0:  # (multiplying by 1 changes nothing)
+                part[lo - start : hi - start] *= factors[k]
         bits = source.random_raw((part.size + 1) // 2).view(np.uint32)[: part.size]
         bits &= np.uint32(0x807FFFFF)  # the sign bit and 23 mantissa bits
         bits |= np.uint32(0x3F800000)  # the exponent of [1, 2)
         part *= bits.view(np.float32)
+        if visit is not None:
+            visit(start, part)
     return v
+
+
+def _segments(
+    blocks: list[Block], offsets: list[int], start: int, stop: int
+) -> list[tuple[int, int, int]]:
+    """``(k, lo, hi)`` for each block ``k`` that ``[start, stop)`` overlaps, ``[lo, hi)``
+    the overlap (blocks tile the vector in order; ``offsets``: theirs)."""
+    k = bisect.bisect_right(offsets, start) - 1
+    out = []
+    while 0 <= k < len(blocks) and blocks[k].offset < stop:
+        b = blocks[k]
+        lo, hi = max(b.offset, start), min(b.offset + b.size, stop)
+        if lo < hi:
+            out.append((k, lo, hi))
+        k += 1
+    return out
 
 
 def _span(blocks: list[Block]) -> slice:
@@ -836,7 +959,7 @@ def run_fast(
         """
         (v, verdict), others = failing[0], failing[1:]
         probe = _Probe(line, group)
-        if not verdict.provisional or probe.members.size <= SCAN_BELOW:
+        if not verdict.provisional or probe.count <= SCAN_BELOW:
             return False
         named = probe.one_entry(v, verdict)
         if named is None:
@@ -845,9 +968,9 @@ def run_fast(
         if not all(probe.check_without(w, [i], refine=False).passed for w, _ in others):
             return False
         for b in group:
-            results[id(b)] = _passed(b, g, probes)
+            results[id(b)] = _passed(b, line.scale(b), probes)
         block = probe.block_of(i)
-        analytic = float(np.dot(g[block.slice], v[block.slice]))
+        analytic = line.sums(v, block.slice)[0]
         results[id(block)] = _failed(
             results[id(block)], len(failing), [entry], True, analytic, analytic - d
         )
@@ -871,7 +994,7 @@ def run_fast(
     failing = []  # only directions that fail are kept (O(P) each)
     everything = _span(blocks)
     for _ in range(probes):
-        v = _direction(rng, problem, tol)
+        v = line.draw(rng)
         verdict = line.check(v, everything, problem.size, refine=False, defer=True)
         if not verdict.passed:
             failing.append((v, verdict))

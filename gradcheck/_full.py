@@ -1,8 +1,7 @@
-"""Full mode: every entry of a block, and the judgement of one entry both modes use.
+"""Full mode: every entry of a block, judged by the rules of `gradcheck._verdict`.
 
-`judge_entries` decides entries after refinement (fast mode calls it on the entries its
-localisation names); `_FullBlock` runs full mode on one block; `unresolved_mask` is the
-rule for entries whose numerical derivative cannot tell agreement from a bug.
+`judge_entries` refines entries and decides them (fast mode calls it on the entries its
+localisation names); `_FullBlock` runs full mode on one block.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import numpy as np
 from . import _memory
 from ._diagnosis import diagnose
 from ._numerics import (
-    REFINE_FACTORS,
     Differences,
     Evaluator,
     Refined,
@@ -28,6 +26,7 @@ from ._numerics import (
 from ._options import CheckOptions, Tolerance
 from ._problem import Block
 from ._report import MAX_ROWS, BlockResult, Entry
+from ._verdict import agrees, allowance, beside_agrees, block_floor, decide, unresolved_mask
 
 #: kink entries per block whose backward is checked on both sides of the kink (2 gradients each)
 KINK_SIDE_CHECKS = 256
@@ -75,38 +74,27 @@ def judge_entries(
         tol,
         wanted=floor + tol.rtol * np.abs(a),
     )
-    with np.errstate(invalid="ignore"):
-        gap = np.abs(r.right - r.left)
-        gap = np.where(np.isfinite(gap), gap, 0.0)
-        allow = floor + tol.rtol * np.abs(r.numeric) + tol.safety * r.error + tol.rtol * gap
-        ok = np.abs(a - r.numeric) <= allow
-        at_kink = ~ok & r.kink
-        slack = floor + tol.rtol * np.abs(a) + tol.safety * r.one_sided_noise
-        inside = (a >= r.lo - slack) & (a <= r.hi + slack)
-    accepted = ok | (at_kink & inside)
-    outside = np.flatnonzero(at_kink & ~inside)
+    d = decide(a, r, floor, tol.rtol, tol, f0, h)
+    accepted = d.ok.copy()
+    outside = np.flatnonzero(d.beside)
     checked, unchecked = outside[:side_checks], outside[side_checks:]
     if checked.size:
         accepted[checked] = _both_sides(ev, tol, idx[checked], r, checked, floor)
     if unchecked.size:  # beyond the budget: not verified, not blamed either
         accepted[unchecked] = True
-    # a loss that did not change at all at any step cannot show a gradient whose effect
-    # over the largest step is below the resolution of values of magnitude max(|f|, 1)
-    resolution = tol.noise * tol.eps * max(abs(f0), 1.0)
-    tiny = r.flat & (np.abs(a) * REFINE_FACTORS[0] * h <= resolution)
-    invisible = ~accepted & tiny
+    invisible = ~accepted & d.tiny
     accepted[invisible] = True
     return Judged(
         ok=accepted,
         numeric=r.numeric,
         error=r.error,
-        allowed=np.where(np.isfinite(allow), allow, np.inf),
-        kink=at_kink,
+        allowed=d.allowed,
+        kink=d.kink,
         lo=r.lo,
         hi=r.hi,
         unverified_kinks=int(unchecked.size),
         below_resolution=int(np.sum(invisible)),
-        invisible=tiny,
+        invisible=d.tiny,
     )
 
 
@@ -136,8 +124,8 @@ def _both_sides(
             theta[i] = ev.representable(np.array([theta[i] + sign * step]))[0]
             ev.charge(1)
             g = np.asarray(problem.gradient(theta), dtype=np.float64)[i]
-            slack = floor + tol.rtol * abs(expected) + tol.safety * r.one_sided_noise[p]
-            sides.append(bool(abs(g - expected) <= slack))
+            noise = float(r.one_sided_noise[p])
+            sides.append(beside_agrees(float(g), float(expected), noise, floor, tol.rtol, tol))
         ok[j] = all(sides)
     return ok
 
@@ -176,11 +164,11 @@ class _FullBlock:
         error = first.roundoff(tol)
         finite = np.isfinite(numeric)
         scale = float(np.max(np.abs(numeric[finite]))) if np.any(finite) else 0.0
-        floor = tol.atol * scale + 64.0 * tol.eps * max(self.grad_scale, scale)
+        floor = block_floor(tol, scale, self.grad_scale)
         with np.errstate(invalid="ignore"):
             curvature = np.abs(first.right - first.left)
-            allowed = floor + tol.rtol * np.abs(numeric) + tol.safety * error + tol.rtol * curvature
-            ok = np.abs(a - numeric) <= allowed
+        allowed = allowance(tol, numeric, error, floor, tol.rtol, curvature)
+        ok = agrees(a, numeric, allowed)
         kink = np.zeros(a.size, dtype=bool)
         lo = np.full(a.size, np.nan)
         hi = np.full(a.size, np.nan)
@@ -273,9 +261,8 @@ class _FullBlock:
         value, err = one_sided(self.ev, self.idx[pos], step[has], side[has], self.f0, self.tol)
         tol = self.tol
         numeric[pos], error[pos] = value, err
-        with np.errstate(invalid="ignore"):
-            allowed[pos] = floor + tol.rtol * np.abs(value) + tol.safety * err
-            ok[pos] = np.abs(self.a[pos] - value) <= allowed[pos]
+        allowed[pos] = allowance(tol, value, err, floor, tol.rtol)
+        ok[pos] = agrees(self.a[pos], value, allowed[pos])
         self.one_sided += int(np.sum(np.isfinite(value)))
 
     def _refine(
@@ -439,31 +426,6 @@ def _max_diffs(a: np.ndarray, numeric: np.ndarray) -> tuple[float, float]:
         rel = np.where(numeric != 0, diffs / np.abs(numeric), np.where(diffs > 0, np.inf, 0.0))
     return float(diffs.max()), float(rel.max())
 
-
-#: an entry is resolved when the numerical error it is allowed is at most this fraction of
-#: its magnitude (or of its block's scale): any error at least that large is seen or flagged
-RESOLUTION = 0.25
-
-
-def unresolved_mask(
-    tol: Tolerance,
-    a: np.ndarray,
-    numeric: np.ndarray,
-    error: np.ndarray,
-    scale: float,
-    floor: float,
-) -> np.ndarray:
-    """Entries whose numerical derivative is too uncertain to tell agreement from a bug:
-    ``safety * error`` above `RESOLUTION` times the largest of ``|analytic|``, ``|numeric|``
-    and the block's ``scale`` (small entries are judged on their block's scale, as
-    ``atol`` judges them). An analytic value within ``floor`` (the block's absolute
-    tolerance: ``atol`` of its scale, and the round-off of the largest gradient of the
-    model) is zero at the precision of the backward itself: nothing smaller can be
-    asked of it, and it is not unresolved."""
-    with np.errstate(invalid="ignore"):
-        size = np.maximum(np.maximum(np.abs(a), np.abs(numeric)), scale)
-        zero = np.abs(a) <= floor
-        return ~zero & ~(tol.safety * error <= RESOLUTION * size)
 
 
 def full_block(

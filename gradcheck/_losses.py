@@ -1,19 +1,21 @@
 """Named losses, shared by every adapter (each implements the same names in its framework).
 
 The NumPy versions below are the definitions; the torch and jax adapters must
-compute the same values. All reduce with a mean over the batch (first axis).
+compute the same values. The exact formulas are in docs/api.md ("Named losses").
 
 ========================  ==============================  =====================================
 name                      ``out``                         ``y``
 ========================  ==============================  =====================================
 ``"mse"``                 any shape                       same shape; mean((out - y)**2)
+``"half_sse"``            any shape                       same shape; 0.5 * sum((out - y)**2)
 ``"cross_entropy"``       logits ``(N, C)``               int labels ``(N,)`` or probs ``(N, C)``
 ``"categorical_crossentropy"``  probabilities ``(N, C)``  int labels ``(N,)`` or probs ``(N, C)``
 ``"bce"``                 probabilities in (0, 1)         same shape, targets in [0, 1]
 ``"bce_with_logits"``     logits                          same shape, targets in [0, 1]
 ========================  ==============================  =====================================
 
-``"binary_crossentropy"`` is an alias of ``"bce"``.
+``"binary_crossentropy"`` is an alias of ``"bce"``, ``"categorical_cross_entropy"`` of
+``"categorical_crossentropy"``.
 """
 
 from __future__ import annotations
@@ -23,13 +25,20 @@ from typing import TypeVar
 
 import numpy as np
 
-from ._errors import InvalidOptionError, ShapeMismatchError
+from .errors import InvalidOptionError, NothingToCheckError, ShapeMismatchError
 
 LossFn = Callable[[np.ndarray, np.ndarray], float]
 LossGrad = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 ALIASES = {"binary_crossentropy": "bce", "categorical_cross_entropy": "categorical_crossentropy"}
-LOSS_NAMES = ("mse", "cross_entropy", "categorical_crossentropy", "bce", "bce_with_logits")
+LOSS_NAMES = (
+    "mse",
+    "half_sse",
+    "cross_entropy",
+    "categorical_crossentropy",
+    "bce",
+    "bce_with_logits",
+)
 
 
 #: losses that take class targets (integer labels or probabilities); the others take a target
@@ -58,6 +67,35 @@ def implementation(table: Mapping[str, T], name: str, backend: str) -> tuple[str
             f"loss {key!r} has no {backend} implementation; pass a callable loss instead"
         )
     return key, table[key]
+
+
+# ----------------------------------------------------------------------------- shared messages
+# Every adapter raises these two mistakes with these words (tests/test_conformance.py
+# compares the adapters' messages): build the error here rather than spell it again.
+
+
+def missing_target(name: str) -> InvalidOptionError:
+    """The error for a named loss given with ``y=None``: the loss has nothing to compare with.
+    Named by its canonical spelling (``"binary_crossentropy"`` is ``'bce'``)."""
+    key = canonical_loss_name(name)
+    return InvalidOptionError(f"loss {key!r} needs a target y; got y=None")
+
+
+_NOTHING = {
+    "params": "the model has no floating-point parameters",
+    "inputs": "x holds no floating-point array",
+    "all": "the model has no floating-point parameters and x holds no floating-point array",
+}
+
+
+def nothing_to_check(wrt: str, detail: str = "") -> NothingToCheckError:
+    """The error for a model and input with no floating-point entries to check for ``wrt``.
+
+    ``detail`` is appended as it is, for what an adapter knows beyond that (frozen
+    parameters, zero-size arrays, leaves not checked); the text before it is the same in
+    every adapter."""
+    what = _NOTHING.get(wrt, _NOTHING["all"])
+    return NothingToCheckError(f"nothing to check with wrt={wrt!r}: {what}{detail}")
 
 
 def _batch(out: np.ndarray) -> int:
@@ -107,6 +145,16 @@ def _mse_grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
     return 2.0 * (out - y) / max(out.size, 1)
 
 
+def _half_sse(out: np.ndarray, y: np.ndarray) -> float:
+    _same_shape("half_sse", out, y)
+    return float(0.5 * np.sum((out - y) ** 2))
+
+
+def _half_sse_grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
+    _same_shape("half_sse", out, y)
+    return out - y
+
+
 def _cross_entropy(out: np.ndarray, y: np.ndarray) -> float:
     t = _targets_as_probs("cross_entropy", out, y)
     return float(-np.sum(t * _log_softmax(out)) / _batch(out))
@@ -153,6 +201,7 @@ def _bce_logits_grad(out: np.ndarray, y: np.ndarray) -> np.ndarray:
 #: The definitions: ``(loss, loss_grad)`` on NumPy arrays, by canonical name.
 NUMPY_LOSSES: dict[str, tuple[LossFn, LossGrad]] = {
     "mse": (_mse, _mse_grad),
+    "half_sse": (_half_sse, _half_sse_grad),
     "cross_entropy": (_cross_entropy, _cross_entropy_grad),
     "categorical_crossentropy": (_categorical, _categorical_grad),
     "bce": (_bce, _bce_grad),

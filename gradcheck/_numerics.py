@@ -14,12 +14,15 @@ from typing import Any
 import numpy as np
 
 from . import _memory
-from ._errors import NonFiniteError
 from ._options import Tolerance
 from ._problem import FlatProblem
+from .errors import NonFiniteError
 
 #: Largest (k, P) float64 array of perturbed points built for one batched call.
 BATCH_BYTES = 32 * 2**20
+
+#: Entries per piece where a whole row is written (the piece stays in cache between passes).
+_PIECE = 1 << 15
 
 #: Step factors of the refinement, relative to the first-pass step (ratio 2 between neighbours).
 REFINE_FACTORS = (16.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125)
@@ -52,6 +55,8 @@ class Evaluator:
         self.count = 0
         self.theta0 = problem.theta0
         self._rows: np.ndarray | None = None
+        self._dirty = 0  # leading rows of ``_rows`` that may differ from ``theta0``
+        self._piece = np.empty(min(_PIECE, max(problem.size, 1)))
         size = max(problem.size, 1)
         self.chunk = max(1, min(problem.max_batch, BATCH_BYTES // (8 * size)))
         self._round = _ROUND.get(problem.precision, np.float64)
@@ -75,13 +80,18 @@ class Evaluator:
             return float(np.asarray(batch(theta[None, :]), dtype=np.float64).reshape(-1)[0])
         return float(self.problem.loss(theta))
 
-    def _buffer(self, k: int) -> np.ndarray:
-        """``k`` rows equal to ``theta0``, kept between calls: each call writes only the
-        entries it perturbs and puts them back (O(entries), not O(P), per evaluation)."""
+    def _buffer(self, k: int, clean: bool = True) -> np.ndarray:
+        """``k`` rows, kept between calls: with ``clean``, equal to ``theta0``, so that a call
+        writes only the entries it perturbs and puts them back (O(entries), not O(P), per
+        evaluation). A call that writes whole rows asks for them unclean (nothing is filled)
+        and marks them dirty: they are filled with ``theta0`` only when a later call needs it."""
         rows = self._rows
         if rows is None or rows.shape[0] < k:
             rows = self._rows = _memory.empty((k, self.theta0.size))
-            rows[...] = self.theta0
+            self._dirty = k
+        if clean and self._dirty:
+            rows[: self._dirty] = self.theta0
+            self._dirty = 0
         return rows[:k]
 
     def _values(self, rows: np.ndarray) -> np.ndarray:
@@ -118,12 +128,34 @@ class Evaluator:
         n = len(steps)
         self.charge(n)
         out = np.empty(n, dtype=np.float64)
+        size = self.theta0.size
         where: Support = slice(None) if support is None else support
+        whole = isinstance(where, slice) and where.indices(size) == (0, size, 1)
         part_of = direction[where]
         base = self.theta0[where]
         width = self.chunk if self.problem.loss_batch is not None else 1
         for start in range(0, n, width):
             part = steps[start : start + width]
+            if whole and self._round is np.float64:
+                # every entry moves: each row is written as theta0 + s v, piece by piece (in
+                # cache), with nothing filled before or put back after
+                rows = self._buffer(len(part), clean=False)
+                self._dirty = max(self._dirty, len(part))
+                moved = self._piece
+                for lo in range(0, size, _PIECE):  # (a piece of v and theta0 read once)
+                    hi = min(lo + _PIECE, size)
+                    shift, base_piece, last = moved[: hi - lo], self.theta0[lo:hi], None
+                    for row, s in zip(rows, part, strict=True):
+                        # theta0 - s v for a step -s after s: the same bits as theta0 + (-s) v
+                        if last is None or (s != last and s != -last):
+                            np.multiply(direction[lo:hi], s, out=shift)
+                            last = s
+                        if s == last:
+                            np.add(base_piece, shift, out=row[lo:hi])
+                        else:
+                            np.subtract(base_piece, shift, out=row[lo:hi])
+                out[start : start + len(part)] = self._values(rows)
+                continue
             rows = self._buffer(len(part))
             try:
                 for row, s in zip(rows, part, strict=True):

@@ -5,14 +5,14 @@ The options themselves (names, defaults, allowed values, messages) are defined o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Literal
 
 from _gradcheck_options import BY_NAME, OPTIONS, Option, OptionValueError
 
-from ._errors import InvalidOptionError
+from .errors import InvalidOptionError
 
 # The option values as types, for the signatures (tests/test_core.py checks them against
 # `_gradcheck_options.OPTIONS`, where the options are defined).
@@ -68,6 +68,7 @@ class CheckOptions:
     rtol: float | None = None
     atol: float | None = None
     max_evals: int | None = None
+    nondet_tol: float | None = None
     max_refine: int = 200
     probes: int = 1
 
@@ -86,7 +87,10 @@ class CheckOptions:
             base = TOLERANCES[precision]
         except KeyError:
             raise InvalidOptionError(
-                f"cannot check a model evaluated in {precision}: cast it to float32 or float64"
+                f"cannot check a model evaluated in {precision} against finite differences: "
+                "cast it to float32 or float64, or check it against a reference "
+                "implementation with gradcheck.check_kernel(model, reference, x) "
+                "(see docs/low-precision.md)"
             ) from None
         overrides = {k: v for k, v in (("rtol", self.rtol), ("atol", self.atol)) if v is not None}
         return replace(base, **overrides) if overrides else base
@@ -100,6 +104,7 @@ def _valid(option: Option, value: Any) -> Any:
         raise InvalidOptionError(str(exc)) from None
 
 
-def check_wrt(wrt: str) -> Wrt:
-    """``wrt`` validated (an `InvalidOptionError` names the allowed values)."""
+def check_wrt(wrt: str | Sequence[str]) -> str | tuple[str, ...]:
+    """``wrt`` validated: a category, a block name or pattern, or a tuple of these (an
+    `InvalidOptionError` names what is allowed)."""
     return _valid(BY_NAME["wrt"], wrt)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _memory
-from ._errors import (
+from .errors import (
     GradcheckInputError,
     InvalidOptionError,
     NothingToCheckError,

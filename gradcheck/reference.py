@@ -24,11 +24,11 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
-from ._errors import InvalidOptionError, ShapeMismatchError
+from .errors import InvalidOptionError, ShapeMismatchError
 
 Activation = Literal["sigmoid", "tanh", "relu", "identity"]
 Output = Literal["linear", "sigmoid", "softmax"]
@@ -42,17 +42,9 @@ Bug = Literal[
     "one_entry",
 ]
 
-ACTIVATIONS = ("sigmoid", "tanh", "relu", "identity")
-OUTPUTS = ("linear", "sigmoid", "softmax")
-BUGS: tuple[str, ...] = (
-    "sign_flip",
-    "factor_2",
-    "scale_1.01",
-    "missing_bias",
-    "wrong_activation_derivative",
-    "bias_mean",
-    "one_entry",
-)
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
+OUTPUTS: tuple[str, ...] = get_args(Output)
+BUGS: tuple[str, ...] = get_args(Bug)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:

@@ -372,3 +372,16 @@ def test_the_option_types_are_the_options_choices() -> None:
 
     assert get_args(Mode) == BY_NAME["mode"].choices
     assert get_args(Wrt) == BY_NAME["wrt"].choices
+
+
+def test_the_named_loss_table_lists_every_named_loss() -> None:
+    """docs/api.md's table of named losses has exactly one row per canonical name (oracle:
+    `gradcheck._losses.LOSS_NAMES`), and names every alias."""
+    from gradcheck._losses import ALIASES, LOSS_NAMES
+
+    page = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    table = page.split("<!-- loss-table -->", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r'^\| `"(\w+)"` \|', table, re.M)
+    assert rows == list(LOSS_NAMES)
+    for alias in ALIASES:
+        assert f'`"{alias}"`' in page, alias

@@ -12,7 +12,8 @@ import pytest
 from test_reference import EXPECTED_BLOCKS
 
 import gradcheck._fast
-from gradcheck import Block, NonFiniteError, check_flat, check_gradients
+from gradcheck import Block, check_flat, check_gradients
+from gradcheck.errors import NonFiniteError
 from gradcheck.reference import BUGS, MLP
 
 
@@ -212,9 +213,9 @@ def test_a_small_block_beside_a_large_one_is_seen_at_its_own_resolution(monkeypa
     assert bad.block("small").worst[0].index == (3,)
 
     def one_factor(problem, tol):
-        return np.maximum(np.abs(problem.theta0), 1.0) * problem.size ** (-1 / 3)
+        return [problem.size ** (-1 / 3)] * len(problem.blocks)
 
-    monkeypatch.setattr(gradcheck._fast, "_block_weights", one_factor)
+    monkeypatch.setattr(gradcheck._fast, "_block_factors", one_factor)
     uniform = check_flat(loss, lambda t: np.cos(t) * w * factor, t0, blocks=blocks, mode="fast")
     assert uniform.passed  # the resolution the per-block factor buys
 
@@ -438,3 +439,83 @@ def test_a_zero_initialised_relu_layer_passes_judged_by_the_backward_beside_the_
         assert all(beside), seed
         judged_beside += bool(beside)
     assert judged_beside >= 4  # the path this test is about, taken in most draws
+
+
+def _problem(sizes, loss_batch=None):
+    from gradcheck._problem import FlatProblem
+
+    blocks, offset = [], 0
+    for k, n in enumerate(sizes):
+        blocks.append(Block(f"b{k}", (n,), offset))
+        offset += n
+    theta0 = np.random.default_rng(4).normal(size=offset) * 3.0
+    return FlatProblem(
+        theta0=theta0,
+        loss=lambda t: float(np.sum(t)),
+        gradient=lambda t: np.ones_like(t),
+        blocks=blocks,
+        loss_batch=loss_batch,
+    )
+
+
+def test_the_sums_drawn_with_a_direction_are_those_computed_directly():
+    # oracle: g . v, ||g v||**2, sum |g v| and max |g| computed by NumPy over each block, a
+    # run of blocks and an index array; blocks straddle the chunks the direction is drawn in
+    from gradcheck._numerics import Evaluator, StartingPoint
+    from gradcheck._options import TOLERANCES
+
+    sizes = [gradcheck._fast.CHUNK + 7, 3, 2 * gradcheck._fast.CHUNK, 1, 11]
+    problem = _problem(sizes)
+    g = np.random.default_rng(5).normal(size=problem.size)
+    ev = Evaluator(problem, None)
+    line = gradcheck._fast._Line(ev, g, StartingPoint(ev), TOLERANCES["float64"])
+    v = line.draw(np.random.default_rng(6))
+    direct = gradcheck._fast._direction(np.random.default_rng(6), problem, line.tol)
+    assert np.array_equal(v, direct)  # drawing the sums changes nothing in the direction
+    blocks = problem.blocks
+    supports = [b.slice for b in blocks]
+    supports += [slice(blocks[1].offset, blocks[3].offset + 1), slice(0, problem.size)]
+    supports += [slice(5, 900), np.array([0, 17, problem.size - 1])]
+    for support in supports:
+        terms = g[support] * v[support]
+        expected = (terms.sum(), (terms**2).sum(), np.abs(terms).sum())
+        np.testing.assert_allclose(line.sums(v, support), expected, rtol=1e-12)
+        w = v.copy()  # not a drawn direction: the sums are computed directly
+        np.testing.assert_allclose(line.sums(w, support), expected, rtol=1e-12)
+    assert line.scales() == [float(np.abs(g[b.slice]).max()) for b in blocks]
+    assert line.grad_scale == float(np.abs(g).max())
+
+
+def test_rows_moved_whole_and_in_part_are_the_points_asked_for():
+    # oracle: theta0 + s v computed by NumPy, for every row the loss receives, whatever the
+    # order of whole-vector moves, partial moves and coordinate moves
+    from gradcheck._numerics import Evaluator
+
+    seen = []
+
+    def loss_batch(rows):
+        seen.append(rows.copy())
+        return rows.sum(axis=1)
+
+    problem = _problem([50_000, 7], loss_batch)
+    theta0, n = problem.theta0, problem.size
+    v = np.random.default_rng(7).normal(size=n)
+    ev = Evaluator(problem, None)
+    steps = np.array([1e-3, -1e-3, 2e-3, 0.5e-3])
+    expected = []
+    for support in (slice(0, n), slice(3, 900), None, slice(0, n)):
+        ev.along(v, steps, support)
+        where = slice(None) if support is None else support
+        for s in steps:
+            row = theta0.copy()
+            row[where] += s * v[where]
+            expected.append(row)
+        ev.coordinates(np.array([2, n - 1]), np.array([9.0, -9.0]))
+        for i, x in ((2, 9.0), (n - 1, -9.0)):
+            row = theta0.copy()
+            row[i] = x
+            expected.append(row)
+    got = [row for rows in seen for row in rows]
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert np.array_equal(a, b)

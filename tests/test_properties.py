@@ -33,9 +33,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gradcheck import NonFiniteError, check_gradients
+from gradcheck import check_gradients
 from gradcheck._losses import numpy_loss
 from gradcheck._problem import output_projection
+from gradcheck.errors import NonFiniteError
 from gradcheck.reference import ACTIVATIONS, BUGS, MLP
 
 # the profiles "ci" and "long" are registered in conftest.py

@@ -13,15 +13,8 @@ import pytest
 from layers import Linear
 from stability import assert_stable
 
-from gradcheck import (
-    Block,
-    InvalidOptionError,
-    ModelError,
-    NonFiniteError,
-    NothingToCheckError,
-    check_flat,
-    check_gradients,
-)
+from gradcheck import Block, check_flat, check_gradients
+from gradcheck.errors import InvalidOptionError, ModelError, NonFiniteError, NothingToCheckError
 
 MODES = ("full", "fast")
 
