@@ -46,8 +46,8 @@ from that one program, op by op (no compile): the loss runs the equations the va
 needs, the gradient all of them. A loop in the model (``while_loop``, ``scan``: a
 solver, an ODE) is one equation, compiled by JAX on its first evaluation and shared by
 the loss and the gradient. The evaluation folds a ``transpose`` read by ``dot_general``
-into the product (see :class:`_OpByOp`), as a compile would: op by op, ``x @ w.T``
-would otherwise copy ``w`` every time. When the core expects at least
+into the product (:mod:`gradcheck.adapters._jax_eager`), as a compile would: op by op,
+``x @ w.T`` would otherwise copy ``w`` every time. When the core expects at least
 :data:`COMPILE_FROM` evaluations (:data:`COMPILE_FROM_LOOPS` for a program with
 loops, whose compile costs seconds), the loss is compiled, ``vmap``-ed over the rows
 of a ``(max_batch, P)`` array; shorter batches, and single points, are padded to
@@ -57,16 +57,19 @@ under 32 MiB and the batch's intermediate values under :data:`MEMORY_BUDGET`. A
 model that cannot be vmapped gets a compiled single-point loss instead; one that
 branches on values in Python cannot be traced at all and runs eagerly, one
 evaluation at a time. Within one check every loss value comes from one of these
-paths, never a mix.
+paths, never a mix, unless the op-by-op evaluator raises in the middle of it (below).
 
-Internal JAX APIs: the op-by-op evaluator (:class:`_OpByOp`) reads jaxprs
-(``jax.extend.core``), binds primitives and folds transposes; everything else uses
-public APIs (``jax.jit(...).trace``, ``jax.value_and_grad``, ``jax.vmap``, eager
-calls). It is used only after :func:`interpreter_ok`, a probe run once per process,
-has shown it gives what JAX's own eager evaluation gives on a program with every
-construct it treats specially, and only for a model whose program it evaluated at the
-starting point without error; otherwise the loss and gradient are compiled with
-``jax.jit`` instead, and the report says so.
+JAX APIs: this module uses public ones only (``jax.jit(...).trace``, ``Lowered.compile``
+and ``as_text``, ``jax.value_and_grad``, ``jax.vmap``, eager calls). The op-by-op
+evaluator, which reads jaxprs and binds primitives (JAX internals), lives in
+:mod:`gradcheck.adapters._jax_eager`, whose docstring lists what it uses and what it buys.
+It is used only after its probe (:func:`~gradcheck.adapters._jax_eager.interpreter_ok`,
+run once per process) has shown it gives what the public path gives on a program with
+every construct it treats specially, and only for a model whose program it evaluated at
+the starting point without error; otherwise the loss and gradient are compiled with
+``jax.jit`` instead (the public path), and the report says so. If it raises later, in a
+check, the problem's remaining evaluations run on the public path (:class:`_Switch`;
+the two agree to rounding): what the evaluator raises never reaches the user.
 
 The adapter does no numerics of its own: it only evaluates.
 """
@@ -76,6 +79,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import math
 import re
 import sys
@@ -91,7 +95,10 @@ import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from gradcheck import _memory
-from gradcheck._errors import (
+from gradcheck._losses import canonical_loss_name, implementation, missing_target, nothing_to_check
+from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
+from gradcheck._select import check_category
+from gradcheck.errors import (
     GradcheckInputError,
     InvalidOptionError,
     ModelError,
@@ -99,15 +106,10 @@ from gradcheck._errors import (
     ShapeMismatchError,
     UnsupportedModelError,
 )
-from gradcheck._losses import canonical_loss_name, implementation
-from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
+
+from . import _jax_eager as _eager
 
 __all__ = ["build_problem", "matches"]
-
-try:  # public in jax.extend.core in recent jax; jax.core before
-    from jax.extend.core import Literal as JaxLiteral
-except ImportError:  # pragma: no cover - older jax
-    from jax.core import Literal as JaxLiteral  # type: ignore[attr-defined,no-redef]
 
 #: A check expecting at least this many loss evaluations gets a compiled, vmapped loss;
 #: fewer run op by op (a compile costs a few hundred ms, an evaluation about a millisecond).
@@ -132,8 +134,6 @@ _LOWER_PRECISION: dict[str, Precision] = {
     "float16": "float16",
     "bfloat16": "bfloat16",
 }
-
-_LOOPS = frozenset({"while", "scan"})
 
 
 # --------------------------------------------------------------------------- caller state
@@ -205,6 +205,8 @@ def _linen_owner(fn: Any) -> Any:
 
 def _is_pair(model: Any) -> bool:
     if not (isinstance(model, tuple) and len(model) == 2 and callable(model[0])):
+        return False
+    if inspect.isroutine(model[1]):  # (forward, backward) functions: a NumPy layer pair
         return False
     # a torch callable with torch tensors belongs to the torch adapter
     leaves = jax.tree_util.tree_leaves(model[1])
@@ -458,6 +460,7 @@ def _shaped(fn: Callable[[jax.Array, Any], jax.Array]) -> Callable[[str, jax.Arr
 #: The named losses in jax.numpy, by canonical name (`gradcheck._losses` defines them).
 JAX_LOSSES: dict[str, Callable[[str, jax.Array, Any], jax.Array]] = {
     "mse": _shaped(lambda o, y: jnp.mean((o - y) ** 2)),
+    "half_sse": _shaped(lambda o, y: 0.5 * jnp.sum((o - y) ** 2)),
     "cross_entropy": _class_loss(lambda o: jax.nn.log_softmax(o, axis=1)),
     "categorical_crossentropy": _class_loss(jnp.log),
     "bce": _shaped(lambda o, y: -jnp.mean(y * jnp.log(o) + (1.0 - y) * jnp.log1p(-o))),
@@ -495,7 +498,7 @@ def _reducer(loss: Any, y: Any, seed: int) -> Callable[[Any], jax.Array]:
     if loss is None or isinstance(loss, str):
         name = "mse" if loss is None else loss
         if y is None:
-            raise InvalidOptionError(f"loss {name!r} needs a target y; got y=None")
+            raise missing_target(name)
         fn = jax_loss(name)
 
         def named(out: Any) -> jax.Array:
@@ -525,324 +528,95 @@ def _reducer(loss: Any, y: Any, seed: int) -> Callable[[Any], jax.Array]:
     return user
 
 
-# --------------------------------------------------------------------------- jaxpr inspection
-def _subjaxprs(value: Any) -> Iterator[Any]:
-    if hasattr(value, "eqns"):
-        yield value
-    elif hasattr(value, "jaxpr") and hasattr(value, "consts"):
-        yield value.jaxpr
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _subjaxprs(item)
+# --------------------------------------------------------------------------- program facts
+@dataclass(frozen=True)
+class _Facts:
+    """What the adapter needs to know about a traced program, however it is evaluated.
+
+    ``lowest``: the narrowest floating-point type below float64 computed in the forward
+    pass and in the rest of the gradient (None where there is none); ``loops``: whether the
+    forward pass has a loop; ``memory``: a rough upper bound on the bytes one forward
+    evaluation needs. The op-by-op path reads them from the jaxpr
+    (:class:`~gradcheck.adapters._jax_eager.Evaluator`), the public path from the lowered
+    programs' StableHLO text (:func:`_text_facts`).
+    """
+
+    lowest: dict[str, str | None]
+    loops: bool
+    memory: int
+    notes: tuple[str, ...] = ()
 
 
-def _walk_eqns(eqns: Sequence[Any]) -> Iterator[Any]:
-    """``eqns`` and the equations of the jaxprs nested in them (jit, scan, cond, custom_vjp)."""
-    for eqn in eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in _subjaxprs(value):
-                yield from _walk_eqns(sub.eqns)
+#: one StableHLO tensor type: its dimensions (``2x3x``) and element type (``f32``)
+_TENSOR = re.compile(r"tensor<((?:[0-9?]+x)*)([a-z]\w*)>")
+#: a floating-point element type: ``f16``, ``bf16``, ``f32``, ``f64``, ``f8E4M3FN``, ...
+_FLOAT = re.compile(r"(b?f)(\d+)(\w*)")
 
 
-def _walk(jaxpr: Any) -> Iterator[Any]:
-    """Every equation of ``jaxpr`` and of the jaxprs nested in it."""
-    return _walk_eqns(jaxpr.eqns)
+def _float_type(element: str) -> tuple[int, str] | None:
+    """``(bits, NumPy name)`` of a StableHLO floating-point element type, else None."""
+    found = _FLOAT.fullmatch(element)
+    if found is None:
+        return None
+    prefix, bits, rest = found.groups()
+    name = f"{'bfloat' if prefix == 'bf' else 'float'}{bits}" + (f"_{rest.lower()}" if rest else "")
+    return int(bits), name
 
 
-def _lowest_float(eqns: Sequence[Any]) -> str | None:
-    """The narrowest floating-point type any value computed by ``eqns`` (and the jaxprs
-    nested in them) has, if below float64."""
-    lowest: tuple[int, str] | None = None
-    for eqn in _walk_eqns(eqns):
-        for var in eqn.outvars:
-            dtype = getattr(getattr(var, "aval", None), "dtype", None)
-            if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-                continue
-            size = np.dtype(dtype).itemsize
-            if size < 8 and (lowest is None or size < lowest[0]):
-                lowest = (size, str(np.dtype(dtype)))
-    return None if lowest is None else lowest[1]
+def _results(text: str) -> Iterator[tuple[str, int]]:
+    """``(element type, elements)`` of every value the ops of a StableHLO module compute
+    (constants excepted: a float32 constant read as float64 is not float32 arithmetic).
+    Public: the text ``jax.stages.Lowered.as_text()`` prints."""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if "stablehlo.constant" in line:
+            continue
+        if "->" in line:  # "... : (operand types) -> result types"
+            types = line.rsplit("->", 1)[1]
+        elif line.startswith("%") and " : " in line:  # "%1 = op %0 : type"
+            types = line.rsplit(" : ", 1)[1]
+        else:
+            continue
+        for dims, element in _TENSOR.findall(types):
+            shape = [int(d) if d.isdigit() else 1 for d in dims.split("x") if d]
+            yield element, math.prod(shape)
 
 
-def _has_loops(eqns: Sequence[Any]) -> bool:
-    return any(eqn.primitive.name in _LOOPS for eqn in _walk_eqns(eqns))
+def _floats(results: Sequence[tuple[str, int]]) -> set[tuple[int, str]]:
+    return {kind for element, _ in results if (kind := _float_type(element)) is not None}
 
 
-def _bytes_per_evaluation(eqns: Sequence[Any], size: int) -> int:
-    """A rough upper bound on the memory one evaluation needs: every intermediate value kept."""
-    total = 8 * size
-    for eqn in _walk_eqns(eqns):
-        for var in eqn.outvars:
-            aval = getattr(var, "aval", None)
-            shape = getattr(aval, "shape", None)
-            dtype = getattr(aval, "dtype", None)
-            if shape is not None and dtype is not None:
-                try:
-                    total += math.prod(shape) * np.dtype(dtype).itemsize
-                except TypeError:  # extended dtypes (PRNG keys)
-                    total += math.prod(shape) * 8
-    return total
+def _narrowest(found: set[tuple[int, str]]) -> str | None:
+    below = sorted(kind for kind in found if kind[0] < 64)
+    return below[0][1] if below else None
 
 
-def _max_batch(eqns: Sequence[Any], size: int) -> int:
-    rows = MEMORY_BUDGET // max(_bytes_per_evaluation(eqns, size), 1)
+def _text_facts(forward: str, value_and_grad: str, size: int) -> _Facts:
+    """:class:`_Facts` from the StableHLO text of the loss and the ``value_and_grad``
+    programs: the gradient's types are those the value-and-gradient program computes and
+    the forward pass does not."""
+    ahead = list(_results(forward))
+    seen, both = _floats(ahead), _floats(list(_results(value_and_grad)))
+    notes: tuple[str, ...] = ()
+    if not both:  # every such program computes in floating point: the text is not understood
+        notes = ("the precision of the compiled program could not be read; assumed float64",)
+    bits = re.compile(r"\d+")
+    memory = 8 * size
+    for element, count in ahead:
+        found = bits.search(element)
+        memory += count * max(int(found.group()) if found else 64, 8) // 8
+    return _Facts(
+        lowest={"forward pass": _narrowest(seen), "gradient": _narrowest(both - seen)},
+        loops="stablehlo.while" in forward,
+        memory=memory,
+        notes=notes,
+    )
+
+
+def _max_batch(memory: int, size: int) -> int:
+    rows = MEMORY_BUDGET // max(memory, 1)
     rows = max(1, min(MAX_BATCH, rows, ROWS_BUDGET // (8 * max(size, 1))))
     return 1 << (rows.bit_length() - 1)  # a power of two: one compiled batch shape
-
-
-# --------------------------------------------------------------------------- op by op
-# Everything in this section reads jaxprs and binds primitives: JAX's internal API
-# (``jax.extend`` promises no compatibility across releases). It is used only where
-# :func:`interpreter_ok` found it agrees with JAX's public eager evaluation on this JAX.
-@dataclass(frozen=True)
-class _Transposed:
-    """``transpose(value, perm)``, not computed yet: a ``dot_general`` can read ``value``
-    with its dimensions renumbered instead (XLA runs each eager op on its own, so the
-    transpose would otherwise copy the whole array first)."""
-
-    value: Any
-    perm: tuple[int, ...]
-    eqn: Any  # the transpose equation (its primitive and parameters)
-
-    def force(self) -> Any:
-        params = {**_bind_params(self.eqn), "permutation": self.perm}
-        return _bind(self.eqn, [self.value], params)
-
-
-def _fold(dims: Any, side: int, perm: tuple[int, ...]) -> Any:
-    """``dot_general``'s dimension numbers with operand ``side`` read through ``perm``, or
-    None where the result's layout would change (its free dimensions must keep their order).
-    """
-    (lc, rc), (lb, rb) = dims
-    contract, batch = (lc, lb) if side == 0 else (rc, rb)
-    free = [d for d in range(len(perm)) if d not in contract and d not in batch]
-    moved = [perm[d] for d in free]
-    if moved != sorted(moved):
-        return None
-    contract = tuple(perm[d] for d in contract)
-    batch = tuple(perm[d] for d in batch)
-    return ((contract, rc), (batch, rb)) if side == 0 else ((lc, contract), (lb, batch))
-
-
-def _bind_params(eqn: Any) -> dict[str, Any]:
-    """``eqn``'s parameters as its primitive's ``bind`` takes them. Before JAX 0.9.2,
-    ``get_bind_params`` returned ``(subfuns, params)``: a primitive with sub-functions is
-    not evaluated here (the start-up probe or the model's own run then falls back to the
-    compiled path)."""
-    got = eqn.primitive.get_bind_params(eqn.params)
-    if isinstance(got, tuple):
-        subfuns, got = got
-        if subfuns:
-            raise NotImplementedError(f"{eqn.primitive.name} binds sub-functions")
-    return dict(got)
-
-
-def _bind(eqn: Any, args: Sequence[Any], params: dict[str, Any]) -> Any:
-    """``eqn``'s primitive applied to ``args``, in the equation's context (as jax does)."""
-    ctx = getattr(getattr(eqn, "ctx", None), "manager", None)
-    with ctx if ctx is not None else contextlib.nullcontext():
-        return eqn.primitive.bind(*args, **params)
-
-
-def _is_var(atom: Any) -> bool:
-    return not isinstance(atom, JaxLiteral)
-
-
-def _needed(eqns: Sequence[Any], outvars: Sequence[Any]) -> list[Any]:
-    """The equations (in order) that the values ``outvars`` depend on."""
-    wanted = {var for var in outvars if _is_var(var)}
-    kept = []
-    for eqn in reversed(eqns):
-        if any(var in wanted for var in eqn.outvars):
-            kept.append(eqn)
-            wanted.update(var for var in eqn.invars if _is_var(var))
-    return kept[::-1]
-
-
-def _dead_after(eqns: Sequence[Any], outvars: Sequence[Any]) -> list[list[Any]]:
-    """For each equation, the variables no later equation or output reads."""
-    last: dict[Any, int] = {}
-    for k, eqn in enumerate(eqns):
-        for var in (*eqn.invars, *eqn.outvars):
-            if _is_var(var):
-                last[var] = k
-    for var in outvars:  # an output may be a literal, an input or a constant
-        if _is_var(var):
-            last.pop(var, None)
-    dead: list[list[Any]] = [[] for _ in eqns]
-    for var, k in last.items():
-        dead[k].append(var)
-    return dead
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What to evaluate of one jaxpr: its equations (in order), outputs and dead variables."""
-
-    jaxpr: Any
-    eqns: tuple[Any, ...]
-    outvars: tuple[Any, ...]
-    dead: tuple[tuple[Any, ...], ...]
-
-    @classmethod
-    def of(cls, jaxpr: Any, outputs: Sequence[int] | None = None) -> _Plan:
-        outvars = tuple(jaxpr.outvars if outputs is None else [jaxpr.outvars[i] for i in outputs])
-        eqns = tuple(jaxpr.eqns if outputs is None else _needed(jaxpr.eqns, outvars))
-        dead = tuple(tuple(d) for d in _dead_after(eqns, outvars))
-        return cls(jaxpr, eqns, outvars, dead)
-
-
-class _OpByOp:
-    """A closed jaxpr evaluated one equation at a time, as ``jaxpr_as_fun`` does, with two
-    shortcuts that keep XLA from materialising arrays an eager op would copy:
-
-    - a ``transpose`` read only by ``dot_general`` becomes a renumbering of the dot's
-      dimensions, and transposes of transposes compose (an identity vanishes);
-    - the primal computation inside ``custom_vjp_call`` / ``custom_jvp_call`` is evaluated
-      in line (what those primitives compute outside of differentiation), so the same
-      shortcut applies in a user's custom layer.
-
-    ``outputs`` selects some of the jaxpr's outputs; only the equations they need run
-    (so the loss of a ``value_and_grad`` program skips the backward). Each value is
-    dropped after its last use. Everything else is bound as it is: a loop is one
-    equation, which JAX compiles once and caches.
-    """
-
-    INLINE = ("custom_vjp_call", "custom_jvp_call")
-
-    def __init__(self, closed: Any, outputs: Sequence[int] | None = None) -> None:
-        self.closed = closed
-        self.plan = _Plan.of(closed.jaxpr, outputs)
-        self._inner: dict[int, _Plan] = {}
-
-    @property
-    def eqns(self) -> tuple[Any, ...]:
-        """The top-level equations this evaluation runs."""
-        return self.plan.eqns
-
-    def __call__(self, *args: Any) -> list[Any]:
-        return self._run(self.plan, self.closed.consts, args)
-
-    def _inner_plan(self, jaxpr: Any) -> _Plan:
-        key = id(jaxpr)
-        if key not in self._inner:  # (the plan keeps the jaxpr, so the id stays its own)
-            self._inner[key] = _Plan.of(jaxpr)
-        return self._inner[key]
-
-    def _run(self, plan: _Plan, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-        jaxpr = plan.jaxpr
-        env: dict[Any, Any] = dict(zip(jaxpr.constvars, consts, strict=True))
-        env.update(zip(jaxpr.invars, args, strict=True))
-
-        def read(var: Any) -> Any:
-            return var.val if isinstance(var, JaxLiteral) else env[var]
-
-        def value(var: Any) -> Any:
-            """The variable's array, a pending transpose computed (once: it is kept)."""
-            x = read(var)
-            if isinstance(x, _Transposed):
-                x = env[var] = x.force()
-            return x
-
-        for eqn, dead in zip(plan.eqns, plan.dead, strict=True):
-            name = eqn.primitive.name
-            call = eqn.params.get("call_jaxpr") if name in self.INLINE else None
-            if name == "transpose":
-                x, perm = read(eqn.invars[0]), tuple(eqn.params["permutation"])
-                if isinstance(x, _Transposed):  # compose: out[d] = in[perm[d]]
-                    x, perm = x.value, tuple(x.perm[d] for d in perm)
-                outs: Any = [x if perm == tuple(range(len(perm))) else _Transposed(x, perm, eqn)]
-            elif name == "dot_general" and any(
-                isinstance(read(var), _Transposed) for var in eqn.invars[:2]
-            ):
-                params = _bind_params(eqn)
-                dims = params["dimension_numbers"]
-                operands = []
-                for side, var in enumerate(eqn.invars[:2]):
-                    x = read(var)
-                    folded = _fold(dims, side, x.perm) if isinstance(x, _Transposed) else None
-                    if folded is None:
-                        operands.append(value(var))
-                    else:
-                        dims = folded
-                        operands.append(x.value)
-                rest = [value(var) for var in eqn.invars[2:]]
-                outs = [_bind(eqn, [*operands, *rest], {**params, "dimension_numbers": dims})]
-            elif call is not None and hasattr(call, "jaxpr") and hasattr(call, "consts"):
-                inner = self._inner_plan(call.jaxpr)
-                outs = self._run(inner, call.consts, [value(var) for var in eqn.invars])
-            else:
-                ins = [value(var) for var in eqn.invars]
-                ans = _bind(eqn, ins, _bind_params(eqn))
-                outs = ans if eqn.primitive.multiple_results else [ans]
-            env.update(zip(eqn.outvars, outs, strict=True))
-            for var in dead:
-                env.pop(var, None)
-        return [value(var) for var in plan.outvars]
-
-
-_PROBED: dict[str, bool] = {}
-_PROBE_LOCK = threading.Lock()
-
-
-def interpreter_ok() -> bool:
-    """Whether the op-by-op evaluator gives what JAX's eager evaluation gives, on this JAX.
-
-    Probed once per process on a small program with every construct the evaluator
-    handles specially: transposes folded into products (and composed), ``custom_vjp``
-    and ``custom_jvp`` calls evaluated in line, nested ``jit``, ``while_loop``, ``scan``,
-    ``cond``, and outputs that are literals, constants, inputs passed straight through
-    and one variable twice. Any difference or error and the adapter uses compiled
-    programs (``jax.jit``) instead.
-    """
-    with _PROBE_LOCK:
-        if "ok" not in _PROBED:
-            try:
-                with _scope():
-                    _PROBED["ok"] = _probe()
-            except Exception:  # an interpreter that raises is an interpreter not to use
-                _PROBED["ok"] = False
-        return _PROBED["ok"]
-
-
-def _probe() -> bool:
-    """Run :class:`_OpByOp` on a small ``value_and_grad`` program with every construct it
-    treats specially and compare with the values worked out in NumPy (one small compile:
-    the evaluator runs under ``jax.jit``)."""
-
-    @jax.custom_vjp
-    def dense(w: Any, h: Any) -> Any:
-        return h @ w.T
-
-    dense.defvjp(lambda w, h: (h @ w.T, (w, h)), lambda r, g: (g.T @ r[1], g @ r[0]))
-
-    def loss(parts: list[Any]) -> Any:
-        w, h, a, unused = parts
-        z = jax.nn.relu(dense(w, h)) + jnp.transpose(jnp.transpose(h @ w.T))  # custom_jvp
-        z = jax.jit(jnp.sin)(z)
-        return jnp.sum(z * z) * a + jax.lax.stop_gradient(unused) * 0.0
-
-    def both(parts: list[Any]) -> Any:
-        w, h, a, _ = parts
-        # outputs that are literals, constants, inputs passed through, one variable twice
-        return jax.value_and_grad(loss)(parts), (w, w, 2.0, jnp.arange(2.0), a, h @ w.T)
-
-    w, h = np.array([[0.3, -1.2], [0.8, 0.5]]), np.array([[1.1, 0.4], [-0.7, 0.9]])
-    a = 0.7
-    m = h @ w.T
-    z = np.sin(np.maximum(m, 0.0) + m)
-    dm = 2 * a * z * np.cos(np.maximum(m, 0.0) + m) * ((m > 0) + 1.0)
-    want = [a * np.sum(z * z), dm.T @ h, dm @ w, np.sum(z * z), 0.0]
-    want += [w, w, 2.0, np.arange(2.0), a, m]
-    parts = [jnp.asarray(v, dtype=jnp.float64) for v in (w, h, a, 1.0)]
-    closed = jax.jit(both).trace(parts).jaxpr
-    every, loss_only = _OpByOp(closed), _OpByOp(closed, outputs=[0])
-    got = jax.jit(lambda *args: [*every(*args), *loss_only(*args)])(*parts)
-    return len(got) == len(want) + 1 and all(
-        np.shape(g) == np.shape(v) and np.allclose(g, v, rtol=1e-12, atol=1e-14)
-        for g, v in zip(got, [*want, want[0]], strict=True)
-    )
 
 
 # --------------------------------------------------------------------------- build
@@ -872,6 +646,12 @@ def _compile(traced: Any) -> Any:
     return traced.lower().compile()
 
 
+def _compile_with_text(traced: Any) -> tuple[Any, str]:
+    """:func:`_compile`, with the program's StableHLO text (for :func:`_text_facts`)."""
+    lowered = traced.lower()
+    return lowered.compile(), lowered.as_text()
+
+
 def build_problem(
     model: Any,
     x: Any,
@@ -896,8 +676,7 @@ def build_problem(
         wrt: ``"all"``, ``"params"`` or ``"inputs"``.
         seed: seeds the output projection.
     """
-    if wrt not in ("all", "params", "inputs"):
-        raise InvalidOptionError(f"wrt must be 'all', 'params' or 'inputs'; got {wrt!r}")
+    check_category(wrt)
     if isinstance(loss, str):
         canonical_loss_name(loss)
     with _scope():
@@ -972,16 +751,10 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
             + " (make one a 0-d array, jnp.asarray(value), to check it)"
         )
     if not entries:
-        what = "inputs" if wrt == "inputs" or not spec.has_params else "parameters"
-        if wrt == "all" and spec.has_params:
-            what = "arrays"
         extra = f" with entries (zero-size: {', '.join(empty)})" if empty else ""
         if skipped:
             extra += f"; not checked: {', '.join(skipped)}"
-        raise NothingToCheckError(
-            f"nothing to check with wrt={wrt!r}: the {spec.form} has no floating-point "
-            f"{what}{extra}"
-        )
+        raise nothing_to_check(wrt, extra)
     blocks = block_layout([(name, shape, kind) for _, _, name, shape, kind in entries])
     source = {"p": p_leaves, "x": x_leaves}
     theta0 = np.concatenate(
@@ -1039,10 +812,10 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
     except Exception as exc:
         raise _trace_failure(of_parts, avals, exc) from exc
 
-    programs = _Programs.of(vg, len(blocks), of_parts, avals, device_parts(theta0))
+    programs = _Programs.of(vg, of_parts, avals, device_parts(theta0), theta0.size)
     notes.extend(programs.notes)
     precision: Precision = "float64"
-    lowered = {what: _lowest_float(eqns) for what, eqns in programs.eqns.items()}
+    lowered = programs.facts.lowest
     narrow = [dtype for dtype in lowered.values() if dtype is not None]
     if narrow:
         lowest = min(narrow, key=lambda name: jnp.dtype(name).itemsize)
@@ -1060,7 +833,7 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
         precision=precision,
         batching=programs.batching,
     )
-    threshold = COMPILE_FROM_LOOPS if _has_loops(programs.eqns["forward pass"]) else COMPILE_FROM
+    threshold = COMPILE_FROM_LOOPS if programs.facts.loops else COMPILE_FROM
 
     def prepare(evaluations: int) -> FlatProblem:
         if evaluations < threshold:
@@ -1078,7 +851,7 @@ def _trace_failure(of_parts: Callable[[Parts], Any], avals: Any, exc: Exception)
     except GradcheckInputError as forward:
         return forward
     except Exception as forward:
-        return ModelError(f"the model raised while JAX traced it: {_describe(forward)}")
+        return ModelError(f"the model's forward raised while JAX traced it: {_describe(forward)}")
     return ModelError(
         "JAX cannot differentiate the model: its backward raised while JAX traced the "
         f"gradient (the forward traces fine): {_describe(exc)}"
@@ -1089,17 +862,16 @@ def _trace_failure(of_parts: Callable[[Parts], Any], avals: Any, exc: Exception)
 class _Programs:
     """How the loss and the gradient of one traced ``value_and_grad`` program are evaluated.
 
-    ``loss(parts) -> scalar`` and ``gradient(parts) -> [block gradients]``; ``single``
-    is ``loss`` in a form JAX can trace again (for the compiled, vmapped loss);
-    ``eqns`` the top-level equations of the forward pass and of the rest of the
-    gradient (for the precision and the loop checks); ``first`` the gradient at the
-    starting point, evaluated while building (the core asks for it first).
+    ``loss(parts) -> scalar`` and ``gradient(parts) -> [block gradients]``; ``traceable``:
+    forms of the loss JAX can trace again, best first (for the compiled, vmapped loss);
+    ``facts`` what the program computes in, whether it loops, its memory; ``first`` the
+    gradient at the starting point, evaluated while building (the core asks for it first).
     """
 
     loss: Callable[[Parts], Any]
     gradient: Callable[[Parts], Sequence[Any]]
-    single: Callable[[Parts], Any]
-    eqns: dict[str, Sequence[Any]]
+    traceable: tuple[Callable[[Parts], Any], ...]
+    facts: _Facts
     batching: str
     notes: list[str]
     first: Sequence[Any] = ()
@@ -1108,59 +880,95 @@ class _Programs:
     def of(
         cls,
         vg: Any,
-        blocks: int,
         of_parts: Callable[[Parts], Any],
         avals: Any,
         parts0: Parts,
+        size: int,
     ) -> _Programs:
-        program = vg.jaxpr
+        """The op-by-op evaluator's programs where its probe passed and it evaluates the
+        gradient at the starting point; the public path's (compiled) otherwise."""
         why = "a probe found it disagrees with JAX on this version"
-        if interpreter_ok():
+        if _eager.interpreter_ok():
             try:
-                loss_run = _OpByOp(program, outputs=[0])
-                grad_run = _OpByOp(program, outputs=range(1, blocks + 1))
-                first = grad_run(*parts0)
+                evaluator = _eager.Evaluator(vg, len(avals))
+                first = jax.block_until_ready(evaluator.gradient(parts0))  # its errors here
+                facts = _Facts(
+                    lowest=evaluator.lowest_floats(),
+                    loops=evaluator.has_loops(),
+                    memory=evaluator.bytes_per_evaluation(size),
+                )
             except Exception as exc:  # the model's error, or the evaluator's: compiled decides
                 why = f"raised {_describe(exc)[:160]}"
             else:
-                kept = {id(eqn) for eqn in loss_run.eqns}
-                rest = [eqn for eqn in grad_run.eqns if id(eqn) not in kept]
-
-                def loss(parts: Parts) -> Any:
-                    return loss_run(*parts)[0]
-
+                switch = _Switch(
+                    evaluator, lambda: cls.public(vg, of_parts, avals, size, "raised in a check")
+                )
                 return cls(
-                    loss=loss,
-                    gradient=lambda parts: grad_run(*parts),
-                    single=loss,
-                    eqns={"forward pass": loss_run.eqns, "gradient": rest},
+                    loss=switch.loss,
+                    gradient=switch.gradient,
+                    traceable=(evaluator.loss, of_parts),
+                    facts=facts,
                     batching="eager",
                     notes=[],
                     first=first,
                 )
-        return cls._compiled(vg, of_parts, avals, parts0, why)
-
-    @classmethod
-    def _compiled(
-        cls, vg: Any, of_parts: Callable[[Parts], Any], avals: Any, parts0: Parts, why: str
-    ) -> _Programs:
-        """The public path: the loss and ``value_and_grad`` compiled with ``jax.jit``."""
-        grad_exe = _compile(vg)
+        programs = cls.public(vg, of_parts, avals, size, why)
         try:
-            first = list(grad_exe(parts0)[1])
+            programs.first = list(programs.gradient(parts0))
         except Exception as exc:
             raise _evaluation_failure(of_parts, parts0, exc) from exc
-        loss_traced = jax.jit(of_parts).trace(avals)
-        loss_exe = _compile(loss_traced)
+        return programs
+
+    @classmethod
+    def public(
+        cls, vg: Any, of_parts: Callable[[Parts], Any], avals: Any, size: int, why: str
+    ) -> _Programs:
+        """The public path: the loss and ``value_and_grad`` compiled with ``jax.jit``."""
+        grad_exe, grad_text = _compile_with_text(vg)
+        loss_exe, loss_text = _compile_with_text(jax.jit(of_parts).trace(avals))
+        facts = _text_facts(loss_text, grad_text, size)
+        why = f"the loss and gradient run compiled: the op-by-op evaluator {why}"
         return cls(
             loss=loss_exe,
             gradient=lambda parts: grad_exe(parts)[1],
-            single=of_parts,
-            eqns={"forward pass": loss_traced.jaxpr.jaxpr.eqns, "gradient": vg.jaxpr.jaxpr.eqns},
+            traceable=(of_parts,),
+            facts=facts,
             batching="compiled",
-            notes=[f"the loss and gradient run compiled: the op-by-op evaluator {why}"],
-            first=first,
+            notes=[why, *facts.notes],
         )
+
+
+class _Switch:
+    """The op-by-op evaluator's loss and gradient until it raises; from then on, for good,
+    the public path's (compiled once, at that first failure). What the evaluator raises is
+    never the user's to see: a model that really fails fails again on the public path,
+    which reports it."""
+
+    def __init__(self, evaluator: _eager.Evaluator, public: Callable[[], _Programs]) -> None:
+        self._evaluator = evaluator
+        self._make_public = public
+        self._public: _Programs | None = None
+        self._lock = threading.Lock()
+
+    def _fallback(self) -> _Programs:
+        with self._lock:
+            if self._public is None:
+                self._public = self._make_public()
+            return self._public
+
+    def loss(self, parts: Parts) -> Any:
+        if self._public is None:
+            # (the public path runs outside the handler: its error is not chained to this one;
+            # waiting for the value here brings any error of the evaluator's calls here)
+            with contextlib.suppress(Exception):
+                return jax.block_until_ready(self._evaluator.loss(parts))
+        return self._fallback().loss(parts)
+
+    def gradient(self, parts: Parts) -> Sequence[Any]:
+        if self._public is None:
+            with contextlib.suppress(Exception):
+                return jax.block_until_ready(self._evaluator.gradient(parts))
+        return self._fallback().gradient(parts)
 
 
 def _evaluation_failure(
@@ -1175,7 +983,9 @@ def _evaluation_failure(
     except GradcheckInputError as forward:
         return forward
     except Exception as forward:
-        return ModelError(f"the model raised while JAX evaluated it: {_describe(forward)}")
+        return ModelError(
+            f"the model's forward raised while JAX evaluated it: {_describe(forward)}"
+        )
     return ModelError(
         "the model's backward raised while JAX evaluated its gradient (the forward runs "
         f"fine): {_describe(exc)}"
@@ -1241,23 +1051,33 @@ def _compiled(
 ) -> FlatProblem:
     """``eager`` with its loss compiled: ``vmap``-ed over ``max_batch`` rows where it can be.
 
-    The compiled loss is the traced program again (``programs.single``), not the model's
-    Python: the model runs once per check.
+    The compiled loss is the traced program again (``programs.traceable[0]``: the op-by-op
+    evaluator's loss, traced), not the model's Python: the model runs once per check. If
+    tracing that raises, the model's own loss is traced instead (the public path).
     """
     size = eager.size
     notes = list(eager.notes)
-    max_batch = _max_batch(programs.eqns["forward pass"], size)
+    max_batch = _max_batch(programs.facts.memory, size)
     loss_batch = None
-    single = programs.single
 
-    def scalar(theta: jax.Array) -> jax.Array:
-        return single(split(theta))
+    def first_traced(trace: Callable[[Callable[[Parts], Any]], Any]) -> Any:
+        """``trace(single)`` for the first of the traceable losses that traces."""
+        *better, last = programs.traceable
+        for single in better:
+            try:
+                return trace(single)
+            except Exception:  # the evaluator's failure, or the model's: the next decides
+                continue
+        return trace(last)
+
+    def batched_loss(single: Callable[[Parts], Any]) -> Any:
+        rows = jax.ShapeDtypeStruct((max_batch, size), jnp.float64)
+        return _compile(jax.jit(jax.vmap(lambda theta: single(split(theta)))).trace(rows))
 
     with _scope():
         if max_batch > 1:
             try:
-                rows = jax.ShapeDtypeStruct((max_batch, size), jnp.float64)
-                batch_exe = _compile(jax.jit(jax.vmap(scalar)).trace(rows))
+                batch_exe = first_traced(batched_loss)
             except Exception as exc:  # no batching rule, a callback that cannot vmap, ...
                 why = f"{type(exc).__name__}: {_first_line(exc)[:120]}"
                 notes.append(f"the model cannot be vmapped ({why}); evaluations run one at a time")
@@ -1273,7 +1093,8 @@ def _compiled(
                 return float(batched(np.asarray(theta, dtype=np.float64)[None, :])[0])
 
         else:
-            loss_fn = _flat_loss(_compile(jax.jit(single).trace(avals)), device_parts)
+            exe = first_traced(lambda single: _compile(jax.jit(single).trace(avals)))
+            loss_fn = _flat_loss(exe, device_parts)
 
     return dataclasses.replace(
         eager,

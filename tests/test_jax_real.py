@@ -22,6 +22,7 @@ import pytest
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 
+from gradcheck.adapters import _jax_eager as eager  # noqa: E402
 from gradcheck.adapters import jax as adapter  # noqa: E402
 from stability import assert_stable  # noqa: E402
 from zoo.jax_solvers import (  # noqa: E402
@@ -33,16 +34,15 @@ from zoo.jax_solvers import (  # noqa: E402
     ridge_model,
 )
 
-from gradcheck import (  # noqa: E402
+from gradcheck import Report, check_gradients  # noqa: E402
+from gradcheck._dispatch import route_callable, select_adapter  # noqa: E402
+from gradcheck._problem import FlatProblem  # noqa: E402
+from gradcheck.errors import (  # noqa: E402
     InvalidOptionError,
     ModelError,
     NothingToCheckError,
-    Report,
     UnsupportedModelError,
-    check_gradients,
 )
-from gradcheck._dispatch import route_callable, select_adapter  # noqa: E402
-from gradcheck._problem import FlatProblem  # noqa: E402
 
 lax = jax.lax
 
@@ -215,7 +215,7 @@ def test_programs_with_literal_constant_passthrough_or_duplicate_outputs(fn: Any
             want = jax.tree_util.tree_leaves(jax.jit(program)(*args))
             leaves = jax.tree_util.tree_leaves(args)
             for outputs in (None, [0], list(range(len(want)))[::-1]):
-                got = adapter._OpByOp(closed, outputs)(*leaves)
+                got = eager._OpByOp(closed, outputs)(*leaves)
                 chosen = want if outputs is None else [want[i] for i in outputs]
                 assert len(got) == len(chosen)
                 for a, b in zip(got, chosen, strict=True):
@@ -444,7 +444,7 @@ def test_a_backward_that_raises_is_named_as_the_backward() -> None:
     def forward_raises(p: Any, x: Any) -> Any:
         raise KeyError("layer")
 
-    with pytest.raises(ModelError, match="the model raised while JAX traced it: KeyError"):
+    with pytest.raises(ModelError, match="the model's forward raised while JAX traced it: KeyError"):
         check_gradients((forward_raises, np.ones(3)), np.arange(3.0))
 
 
@@ -512,8 +512,8 @@ def test_without_the_op_by_op_evaluator_the_check_runs_compiled_and_agrees(
 ) -> None:
     model, x = (ode_model(), ode_params()), rand((3, 4), 9)
     op_by_op = build(model, x)
-    assert op_by_op.batching == "eager" and adapter.interpreter_ok()
-    monkeypatch.setitem(adapter._PROBED, "ok", False)  # as if the start-up probe had failed
+    assert op_by_op.batching == "eager" and eager.interpreter_ok()
+    monkeypatch.setitem(eager._PROBED, "ok", False)  # as if the start-up probe had failed
     compiled = build(model, x)
     assert compiled.batching == "compiled"
     assert any("op-by-op evaluator a probe found it disagrees" in n for n in compiled.notes)
@@ -522,23 +522,172 @@ def test_without_the_op_by_op_evaluator_the_check_runs_compiled_and_agrees(
     )
     assert check_gradients(model, x).passed
     assert failed(check_gradients((ode_model("tau"), ode_params()), x)) == {"tau"}
-    monkeypatch.delitem(adapter._PROBED, "ok")
-    assert adapter.interpreter_ok()  # probed again, before the evaluator breaks
+    monkeypatch.delitem(eager._PROBED, "ok")
+    assert eager.interpreter_ok()  # probed again, before the evaluator breaks
 
     def broken(self: Any, *args: Any) -> Any:  # an evaluator that breaks on this model
         raise TypeError("unhashable type: 'Literal'")
 
-    monkeypatch.setattr(adapter._OpByOp, "__call__", broken)
+    monkeypatch.setattr(eager._OpByOp, "__call__", broken)
     problem = build(model, x)
     assert problem.batching == "compiled"
     assert any("raised TypeError: unhashable type" in n for n in problem.notes)
     assert check_gradients(model, x).passed
 
 
-def test_the_start_up_probe_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(adapter._PROBED, "ok", raising=False)
-    monkeypatch.setattr(adapter, "_fold", lambda dims, side, perm: None if side else dims)
-    assert adapter.interpreter_ok() is False  # a wrong fold gives wrong numbers: not used
-    monkeypatch.delitem(adapter._PROBED, "ok")
+_BREAKAGES: dict[str, tuple[str, Any]] = {
+    "a wrong fold": ("_fold", lambda dims, side, perm: None if side else dims),
+    "no Literal type": ("JaxLiteral", None),
+    "a bind that changed": ("_bind_params", lambda eqn: {**eqn.params, "unexpected": True}),
+    "loops not found": ("_LOOPS", frozenset()),
+    "float32 not found": ("_lowest_float", lambda eqns: None),
+}
+
+
+@pytest.mark.parametrize("breakage", list(_BREAKAGES))
+def test_the_start_up_probe_fails_closed(breakage: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    name, replacement = _BREAKAGES[breakage]
+    monkeypatch.delitem(eager._PROBED, "ok", raising=False)
+    monkeypatch.setattr(eager, name, replacement)
+    assert eager.interpreter_ok() is False  # wrong numbers, an error or wrong facts: not used
+    monkeypatch.delitem(eager._PROBED, "ok")
     monkeypatch.undo()
-    assert adapter.interpreter_ok() is True
+    assert eager.interpreter_ok() is True
+
+
+def _dense_model(bug: bool) -> Any:
+    """``tanh(x W^T) V`` with a hand-written backward; ``bug``: one weight-gradient entry x1.01."""
+
+    @jax.custom_vjp
+    def dense(w: Any, h: Any) -> Any:
+        return jnp.tanh(h @ w.T)
+
+    def fwd(w: Any, h: Any) -> Any:
+        out = jnp.tanh(h @ w.T)
+        return out, (w, h, out)
+
+    def bwd(res: Any, g: Any) -> Any:
+        w, h, out = res
+        dz = g * (1.0 - out**2)
+        dw = dz.T @ h
+        return (dw.at[1, 2].multiply(1.01) if bug else dw), dz @ w
+
+    dense.defvjp(fwd, bwd)
+    return lambda p, x: dense(p["w"], x) @ p["v"]
+
+
+def _dense_params() -> dict[str, Any]:
+    return {"w": rand((4, 3), 1), "v": rand((4, 2), 2)}
+
+
+def _verdict(report: Report) -> list[tuple[str, bool, Any]]:
+    return [(b.name, b.passed, b.worst[0].index if b.worst else None) for b in report.blocks]
+
+
+@pytest.mark.parametrize("mode", ["fast", "full"])
+@pytest.mark.parametrize("bug", [False, True])
+def test_an_evaluator_that_raises_mid_check_hands_the_check_to_the_public_path(
+    mode: str, bug: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, x = (_dense_model(bug), _dense_params()), rand((5, 3), 3)
+    with monkeypatch.context() as patch:  # oracle: the check with the evaluator disabled
+        patch.setitem(eager._PROBED, "ok", False)
+        oracle = check_gradients(model, x, mode=mode)
+    assert oracle.batching == "compiled" and oracle.passed is not bug, str(oracle)
+    assert eager.interpreter_ok()
+    calls: list[Any] = []
+    call = eager._OpByOp.__call__
+
+    def breaks_after_the_build(self: Any, *args: Any) -> Any:
+        calls.append(self)
+        if len(calls) > 1:  # the gradient at the starting point, while building, runs
+            raise TypeError("bind() got an unexpected keyword argument 'accumulation_type'")
+        return call(self, *args)
+
+    monkeypatch.setattr(eager._OpByOp, "__call__", breaks_after_the_build)
+    report = check_gradients(model, x, mode=mode)  # no TypeError reaches the user
+    assert report.batching == "eager"  # built op by op; it broke at the first loss
+    assert len(calls) == 2  # it raised once: every later evaluation ran on the public path
+    assert _verdict(report) == _verdict(oracle), f"{report}\n{oracle}"
+    if bug:
+        assert failed(report) == {"w"} and report.block("w").worst[0].index == (1, 2)
+
+
+def test_an_evaluator_that_raises_after_the_build_leaves_the_compiled_loss_to_the_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, x = (_dense_model(False), _dense_params()), rand((5, 3), 3)
+    problem = build(model, x)
+    assert problem.batching == "eager" and problem.prepare is not None
+    theta = problem.theta0 + 0.01
+    want_loss, want_gradient = problem.loss(theta), problem.gradient(theta)
+
+    def broken(self: Any, *args: Any) -> Any:
+        raise TypeError("unhashable type: 'Literal'")
+
+    monkeypatch.setattr(eager._OpByOp, "__call__", broken)
+    compiled = problem.prepare(adapter.COMPILE_FROM)  # the vmapped loss traced from the model
+    assert compiled.batching == "vmap" and compiled.notes == problem.notes
+    assert compiled.loss(theta) == pytest.approx(want_loss, rel=1e-13)
+    np.testing.assert_allclose(compiled.gradient(theta), want_gradient, rtol=1e-12)
+    assert problem.loss(theta) == pytest.approx(want_loss, rel=1e-13)  # compiled, public
+
+
+@pytest.fixture(params=["op by op", "public"])
+def evaluator(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each path in turn: the op-by-op evaluator, and the public one alone."""
+    if request.param == "public":
+        monkeypatch.setitem(eager._PROBED, "ok", False)
+    else:
+        assert eager.interpreter_ok()
+    return str(request.param)
+
+
+def _float32_custom_backward() -> Any:
+    @jax.custom_vjp
+    def f(x: Any) -> Any:
+        return jnp.sin(x)
+
+    def bwd(x: Any, g: Any) -> Any:
+        return ((g * jnp.cos(x)).astype(jnp.float32).astype(x.dtype),)
+
+    f.defvjp(lambda x: (jnp.sin(x), x), bwd)
+    return lambda p, x: f(p * x)
+
+
+_F32 = np.linspace(-1.0, 1.0, 3).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("fn", "precision", "where"),
+    [
+        (
+            lambda p, x: jnp.tanh(p.astype(jnp.float32) * x.astype(jnp.float32)),
+            "float32",
+            "forward pass",
+        ),
+        (_float32_custom_backward(), "float32", "gradient"),
+        (lambda p, x: jnp.tanh(p * x + jnp.asarray(_F32)), "float64", None),  # a float32 constant
+        (lambda p, x: jnp.tanh(p.astype(jnp.bfloat16)).astype(jnp.float64) * x, "bfloat16", None),
+    ],
+)
+def test_both_paths_read_the_programs_precision_alike(
+    evaluator: str, fn: Any, precision: str, where: str | None
+) -> None:
+    problem = build((fn, rand((3,), 1)), rand((3,), 2))
+    assert problem.batching == ("eager" if evaluator == "op by op" else "compiled")
+    assert problem.precision == precision, problem.notes
+    if where is not None:
+        assert any(f"computes in {precision} in its {where}" in note for note in problem.notes)
+
+
+def test_both_paths_find_loops_and_bound_memory(
+    evaluator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    problem = build((fixed_point_model(), fixed_point_params(12, 8)), rand((6, 8), 4))
+    assert problem.prepare is not None
+    assert problem.prepare(adapter.COMPILE_FROM) is problem  # the while loop: not compiled
+    monkeypatch.setattr(adapter, "MEMORY_BUDGET", 10 * 8 * (100 * 100 + 100))
+    problem = build((lambda p, x: jnp.tanh(p @ x), rand((100, 100))), rand((100,), 1), wrt="params")
+    assert problem.prepare is not None and problem.prepare(adapter.COMPILE_FROM - 1) is problem
+    assert 1 <= problem.prepare(adapter.COMPILE_FROM).max_batch <= 8
