@@ -19,8 +19,11 @@ a re-entrant checkpoint) or a hook, sees those parameters; side effects of the f
 land on the copy. Buffers (a BatchNorm's running statistics) are restored before every
 evaluation. Batched loss evaluations substitute views of many parameter vectors into the
 copy with ``torch.func.functional_call`` under ``torch.func.vmap``, where the model allows
-it. A loss callable that reads the user's module (a weight penalty) sees the evaluated
-tensors: the user's module is substituted (``functional_call``) while the loss runs.
+it; whether it does is tried only when a check expects enough evaluations to repay the
+trial (`FlatProblem.prepare`: full mode), so a fast check pays for one gradient and the
+evaluations it makes, nothing else. A loss callable that reads the user's module (a weight
+penalty) sees the evaluated tensors: the user's module is substituted
+(``functional_call``) while the loss runs.
 
 Every evaluation runs outside inference mode, with autograd on or off as it needs
 whatever the caller's grad mode, on fresh tensors (the inputs, the target a loss callable
@@ -29,16 +32,18 @@ CUDA when the model lives there) to a state derived from ``seed`` and restores t
 caller's, so dropout masks are the same in every evaluation and in every thread.
 
 The adapter does no numerics: it only evaluates ``loss``, ``loss_batch`` (many
-parameter vectors per call with ``torch.func.vmap`` where the model allows it, a
-loop otherwise) and ``gradient`` (autograd).
+parameter vectors per call with ``torch.func.vmap`` where the model allows it and the check
+is worth the trial, a loop otherwise) and ``gradient`` (autograd).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, ClassVar
@@ -48,25 +53,34 @@ import torch
 from torch import nn
 
 from gradcheck import _memory
-from gradcheck._errors import (
+from gradcheck._errors import first_line
+from gradcheck._losses import (
+    CLASS_LOSSES,
+    canonical_loss_name,
+    implementation,
+    missing_target,
+    nothing_to_check,
+)
+from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
+from gradcheck._select import check_category
+from gradcheck._state import GLOBAL_STATE
+from gradcheck.errors import (
     GradcheckInputError,
     InvalidOptionError,
     ModelError,
     NothingToCheckError,
     ShapeMismatchError,
-    first_line,
 )
-from gradcheck._losses import CLASS_LOSSES, canonical_loss_name, implementation
-from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
-from gradcheck._state import GLOBAL_STATE
 
 __all__ = ["build_problem", "matches"]
 
-WRT_CHOICES = ("all", "params", "inputs")
 # Bytes of intermediate results one vmapped evaluation may use, per batch.
 CPU_BATCH_BUDGET = 256 * 2**20
 MAX_VMAP_BATCH = 512
 MAX_LOOP_BATCH = 1024
+# The fewest loss evaluations a check must expect before the batching choice (vmap or a
+# loop: about five evaluations to make) is made; a fast check (two) runs a loop.
+VMAP_FROM = 4
 
 _PRECISIONS: dict[torch.dtype, Precision] = {
     torch.float64: "float64",
@@ -233,6 +247,7 @@ def _batch(o: torch.Tensor) -> int:
 #: takes the output and the target prepared by `_named_loss`.
 TORCH_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": lambda o, t: ((o - t) ** 2).mean(),
+    "half_sse": lambda o, t: 0.5 * ((o - t) ** 2).sum(),
     "cross_entropy": lambda o, t: -(t * torch.log_softmax(o, dim=1)).sum() / _batch(o),
     "categorical_crossentropy": lambda o, t: -(t * torch.log(o)).sum() / _batch(o),
     "bce": lambda o, t: -(t * torch.log(o) + (1.0 - t) * torch.log1p(-o)).mean(),
@@ -249,7 +264,7 @@ def _named_loss(name: str, out: Any, y: Any) -> Callable[[torch.Tensor], torch.T
             f"loss {key!r} needs the model to return one tensor; got {type(out).__name__}"
         )
     if y is None:
-        raise InvalidOptionError(f"loss {key!r} needs a target y; got None")
+        raise missing_target(key)
     target = torch.as_tensor(y, device=out.device)
     if key in CLASS_LOSSES:
         t = _class_targets(key, out, target)
@@ -370,8 +385,7 @@ class _Spec:
     the user's tensors cannot reach the check, and inference tensors can be differentiated."""
 
     def __init__(self, model: Any, x: Any, y: Any, loss: Any, wrt: str, seed: int) -> None:
-        if wrt not in WRT_CHOICES:
-            raise InvalidOptionError(f"wrt must be one of {WRT_CHOICES}; got {wrt!r}")
+        check_category(wrt)
         if isinstance(model, type) and issubclass(model, torch.autograd.Function):
             model = model.apply
         self.module: nn.Module | None = model if isinstance(model, nn.Module) else None
@@ -533,7 +547,7 @@ class _Evaluator:
         if not checked and empty:
             raise NothingToCheckError(f"nothing to check: every block is empty ({listed})")
         if not checked:
-            raise NothingToCheckError(self._nothing_message(spec))
+            raise self._nothing_to_check(spec)
         if empty:
             self.notes.append(f"no entries, nothing to check: {listed}")
 
@@ -555,11 +569,18 @@ class _Evaluator:
             [t.detach().to("cpu", torch.float64).reshape(-1).numpy() for _, t, _ in checked],
             out=_memory.empty(self.size),
         )
+        # theta0 as a tensor for the evaluations there that only read it (`_load` copies it
+        # into `work`), made before the array is frozen: torch.from_numpy warns on read-only
+        # arrays, and a copy would be O(P) more at every check's first evaluation
+        self._theta0_row = torch.from_numpy(self.theta0)
         _memory.freeze(self.theta0)  # the problem keeps it as it is (no second copy)
-        # the working vector: the copy's checked parameters are views of it
+        # the working vector: the copy's checked parameters are views of it (filled from the
+        # tensors themselves: no second O(P) copy through theta0)
         self.work = torch.empty(self.size, dtype=self.dtype, device=spec.device)
-        self.work.copy_(torch.from_numpy(self.theta0.copy()))
         views = self._views(self.work)
+        with torch.no_grad():
+            for view, (_, t, _) in zip(views, checked, strict=True):
+                view.copy_(t.detach())
         n_params = len(self.param_names)
         self.input_views = views[n_params:]
 
@@ -600,16 +621,12 @@ class _Evaluator:
         self._use_backward = False  # autograd.grad failed where .backward() worked
 
     @staticmethod
-    def _nothing_message(spec: _Spec) -> str:
-        what = {"all": "parameters or inputs", "params": "parameters", "inputs": "inputs"}
+    def _nothing_to_check(spec: _Spec) -> NothingToCheckError:
         frozen = []
         if spec.module is not None:
             frozen = [n for n, p in spec.module.named_parameters() if not p.requires_grad]
         extra = f" (frozen: {', '.join(frozen)})" if frozen and spec.wrt != "inputs" else ""
-        return (
-            f"nothing to check: wrt={spec.wrt!r} needs floating-point {what[spec.wrt]} "
-            f"with requires_grad; the model has none{extra}"
-        )
+        return nothing_to_check(spec.wrt, extra)
 
     # ---------------------------------------------------------------- plumbing
     def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -807,23 +824,29 @@ class _Evaluator:
     def gradient(self, theta: np.ndarray) -> np.ndarray:
         theta = np.asarray(theta, dtype=np.float64)
         cache = self._grad_cache
-        if cache is not None and np.array_equal(cache[0], theta):
+        if cache is not None and (cache[0] is theta or np.array_equal(cache[0], theta)):
             self._grad_cache = None  # handed over once, without a copy
             return cache[1]
+        return self.gradient_and_loss(theta)[0]
+
+    def gradient_and_loss(self, theta: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """The gradient at ``theta`` and the loss its evaluation computed on the way (with
+        autograd on), detached."""
+        theta = np.asarray(theta, dtype=np.float64)
         with _normal_mode(False):
-            row = self._rows(theta[None, :])[0]
+            row = self._theta0_row if theta is self.theta0 else self._rows(theta[None, :])[0]
         if self._use_backward:
-            grads = self._gradient_once(row, use_backward=True)
+            grads, value = self._gradient_once(row, use_backward=True)
         else:
             try:
-                grads = self._gradient_once(row, use_backward=False)
+                grads, value = self._gradient_once(row, use_backward=False)
             except _Raised as exc:
                 if exc.where != "backward":
                     raise
                 # A backward that runs backward itself (a re-entrant checkpoint) cannot run
                 # under autograd.grad: try .backward(); if that fails too, the first error stands.
                 try:
-                    grads = self._gradient_once(row, use_backward=True)
+                    grads, value = self._gradient_once(row, use_backward=True)
                 except Exception:
                     raise exc from exc.exc
                 self._use_backward = True
@@ -843,31 +866,36 @@ class _Evaluator:
                     g = g.to_dense()
                 part.copy_(g.detach().reshape(-1))
             offset += size
-        return out
+        return out, value
 
-    def _gradient_once(self, row: torch.Tensor, *, use_backward: bool) -> list[Any]:
+    def _gradient_once(
+        self, row: torch.Tensor, *, use_backward: bool
+    ) -> tuple[list[Any], torch.Tensor]:
         """The gradient at ``row`` with respect to the copy's checked parameters and fresh
-        input leaves (the model receives copies of them, so it may change them in place)."""
+        input leaves (the model receives copies of them, so it may change them in place),
+        and the loss there (detached)."""
         with self._evaluating(grad=True):
             self._load(row)
             inputs = [v.detach().clone().requires_grad_(True) for v in self.input_views]
             leaves = self._leaves([t.clone() for t in inputs])
             targets: list[torch.Tensor] = [*self.params, *inputs]
 
-            def body() -> list[Any]:
+            def body() -> tuple[list[Any], torch.Tensor]:
                 value = self._objective(leaves, grad=True)
                 if not value.requires_grad:
-                    return [None] * len(targets)
+                    return [None] * len(targets), value.detach()
                 try:
                     if use_backward:
-                        return self._backward(value, targets)
-                    return list(torch.autograd.grad(value, targets, allow_unused=True))
+                        return self._backward(value, targets), value.detach()
+                    grads = torch.autograd.grad(value, targets, allow_unused=True)
+                    return list(grads), value.detach()
                 except GradcheckInputError:
                     raise
                 except Exception as exc:
                     raise _Raised("backward", exc) from exc
 
-            return self._run(self.user_tensors, body)
+            result: tuple[list[Any], torch.Tensor] = self._run(self.user_tensors, body)
+            return result
 
     def _backward(self, value: torch.Tensor, targets: list[torch.Tensor]) -> list[Any]:
         """``value.backward()`` and the ``.grad`` of ``targets``; the ``.grad`` of other
@@ -922,12 +950,12 @@ def _graph_leaves(value: torch.Tensor) -> list[torch.Tensor]:
 def _probe(ev: _Evaluator) -> tuple[float, np.ndarray]:
     """Evaluate the gradient and the loss at theta0 (where a model fails, if it does).
 
-    The gradient comes first: the reducer is built from the output it sees, with
-    autograd on, so that outputs the model declares non-differentiable are known.
+    One evaluation, with autograd on: the reducer is built from the output it sees, so
+    that outputs the model declares non-differentiable are known, and the loss it computes
+    on the way tells its dtype (no second evaluation without autograd: a fast check that
+    needs two more evaluations would pay a third of its cost for it).
     """
-    grad = ev.gradient(ev.theta0)
-    first = ev.values_loop(ev.theta0[None, :])
-    value = first[0]
+    grad, value = ev.gradient_and_loss(ev.theta0)
     ev.observed.add(value.dtype)
     if ev.float64 and value.dtype != torch.float64:
         raise _NotFloat64(f"its loss came out {value.dtype} on float64 parameters")
@@ -1051,38 +1079,80 @@ def _build(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fla
         notes.append(
             f"the model computes in {ev.precision}: steps and tolerances follow {ev.precision}"
         )
-    try:
-        batching, max_batch, why = _choose_batching(ev, loss0)
-    except _Raised as exc:
-        raise exc.model_error("near the starting point") from exc.exc
-    if why is not None:
-        notes.append(f"evaluated one parameter vector at a time: {why}")
-    evaluator = ev
+    looped = FlatProblem(
+        theta0=ev.theta0,
+        loss=_during_check(ev.loss),
+        gradient=_during_check(ev.gradient),
+        blocks=ev.blocks,
+        loss_batch=_during_check(_batched(ev, "loop", MAX_LOOP_BATCH)),
+        max_batch=MAX_LOOP_BATCH,
+        precision=ev.precision,
+        framework="torch",
+        notes=notes,
+        skipped=ev.skipped,
+        batching="loop",
+    )
+    looped.prepare = _LazyBatching(ev, loss0, looped).prepare
+    return looped
+
+
+def _batched(ev: _Evaluator, batching: str, max_batch: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``loss_batch`` evaluating rows with ``torch.func.vmap`` or a loop, ``max_batch`` a call."""
 
     def loss_batch(thetas: np.ndarray) -> np.ndarray:
         thetas = np.atleast_2d(np.asarray(thetas, dtype=np.float64))
         chunks = []
         for start in range(0, thetas.shape[0], max_batch):
             part = thetas[start : start + max_batch]
-            values = (
-                evaluator.values_vmap(part) if batching == "vmap" else evaluator.values_loop(part)
-            )
+            values = ev.values_vmap(part) if batching == "vmap" else ev.values_loop(part)
             chunks.append(values.detach().to("cpu", torch.float64).numpy())
         return np.concatenate(chunks) if chunks else np.zeros(0)
 
-    return FlatProblem(
-        theta0=ev.theta0,
-        loss=_during_check(evaluator.loss),
-        gradient=_during_check(evaluator.gradient),
-        blocks=ev.blocks,
-        loss_batch=_during_check(loss_batch),
-        max_batch=max_batch,
-        precision=ev.precision,
-        framework="torch",
-        notes=notes,
-        skipped=ev.skipped,
-        batching=batching,
-    )
+    return loss_batch
+
+
+class _LazyBatching:
+    """How a problem's batched evaluations run, chosen when the core first says it expects
+    enough of them (`FlatProblem.prepare`, before it evaluates anything), not while the
+    problem is built: the choice (`_choose_batching`: vmap twice, the loop, a count of the
+    memory one evaluation uses, about five evaluations) costs more than a fast check's two
+    evaluations. A check expecting fewer than `VMAP_FROM` evaluations gets the problem as
+    built (one parameter vector at a time, ``batching="loop"``); the others share one
+    choice per problem, made once under a lock (checks may run in several threads)."""
+
+    def __init__(self, ev: _Evaluator, loss0: float, looped: FlatProblem) -> None:
+        self._ev = ev
+        self._loss0 = loss0
+        self._looped = looped
+        self._lock = threading.Lock()
+        self._chosen: FlatProblem | None = None
+
+    def prepare(self, evaluations: int) -> FlatProblem:
+        if evaluations < VMAP_FROM:
+            return self._looped
+        with self._lock:
+            if self._chosen is None:
+                self._chosen = self._choose()
+            return self._chosen
+
+    def _choose(self) -> FlatProblem:
+        ev, looped = self._ev, self._looped
+        try:
+            with _normal_mode(False):  # whatever the caller's grad mode
+                batching, max_batch, why = _choose_batching(ev, self._loss0)
+        except _Raised as exc:
+            raise exc.model_error("near the starting point") from exc.exc
+        notes = list(looped.notes)
+        if why is not None:
+            notes.append(f"evaluated one parameter vector at a time: {why}")
+        return dataclasses.replace(
+            looped,
+            loss_batch=_during_check(_batched(ev, batching, max_batch)),
+            max_batch=max_batch,
+            notes=notes,
+            batching=batching,
+            prepare=None,
+        )
 
 
 def _all_float64(spec: _Spec) -> bool:

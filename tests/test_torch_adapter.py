@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,15 +19,15 @@ adapter = pytest.importorskip("gradcheck.adapters.torch")
 
 from torch_models import FnLinear, make_linear_function  # noqa: E402
 
-from gradcheck import (  # noqa: E402
+from gradcheck import check_flat, check_gradients  # noqa: E402
+from gradcheck._losses import numpy_loss  # noqa: E402
+from gradcheck._problem import FlatProblem, output_projection  # noqa: E402
+from gradcheck.errors import (  # noqa: E402
     InvalidOptionError,
     ModelError,
     NothingToCheckError,
     ShapeMismatchError,
-    check_gradients,
 )
-from gradcheck._losses import numpy_loss  # noqa: E402
-from gradcheck._problem import FlatProblem, output_projection  # noqa: E402
 from gradcheck.reference import MLP  # noqa: E402
 
 torch.set_num_threads(1)
@@ -39,6 +40,12 @@ def build(model: Any, x: Any, y: Any = None, **kw: Any) -> FlatProblem:
     kw.setdefault("wrt", "all")
     kw.setdefault("seed", 0)
     return adapter.build_problem(model, x, y, **kw)
+
+
+def for_full(problem: FlatProblem) -> FlatProblem:
+    """``problem`` as a full check evaluates it: the batching (vmap or a loop) chosen."""
+    assert problem.prepare is not None
+    return problem.prepare(2 * problem.size + 2)
 
 
 def batch(problem: FlatProblem, rows: np.ndarray) -> np.ndarray:
@@ -337,7 +344,7 @@ def test_dropout_in_train_mode_passes_and_batches_agree() -> None:
     model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 2))
     assert model.training
     x = torch.randn(6, 4)
-    problem = build(model, x)
+    problem = for_full(build(model, x))
     assert problem.batching == "vmap"
     rows = problem.theta0 + 1e-3 * np.random.default_rng(0).normal(size=(4, problem.size))
     np.testing.assert_allclose(batch(problem, rows), [problem.loss(r) for r in rows], rtol=1e-13)
@@ -611,7 +618,7 @@ def test_loss_errors_are_one_line_and_name_what_came() -> None:
         build(model, x, torch.tensor([0, 1, 2, 0]), loss="cross_entropy")
     with pytest.raises(InvalidOptionError, match="loss must be a callable or one of"):
         build(model, x, torch.randn(4, 2), loss="hinge")
-    with pytest.raises(InvalidOptionError, match=re.escape("wrt must be one of")):
+    with pytest.raises(InvalidOptionError, match=re.escape("wrt must be one of 'all'")):
         build(model, x, wrt="weights")
     with pytest.raises(
         ModelError,
@@ -737,7 +744,9 @@ class Exploding(nn.Module):
 
 @pytest.mark.parametrize(
     ("fail_at", "dtype"),
-    [(1, f64), (2, f64), (5, f64), (40, f64), (1, torch.float32), (40, torch.float32)],
+    # calls: 1 the gradient at theta0 (building), 2 and 3 the vmap probe (full mode's
+    # batching choice, where a BatchNorm in train mode cannot run), 4 the check's first
+    [(1, f64), (4, f64), (5, f64), (40, f64), (1, torch.float32), (40, torch.float32)],
 )
 def test_state_is_untouched_when_the_forward_raises_mid_check(
     fail_at: int, dtype: torch.dtype
@@ -791,7 +800,7 @@ def test_batched_and_single_evaluations_agree() -> None:
     torch.manual_seed(15)
     model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 2))
     x = torch.randn(4, 2, 6)
-    problem = build(model, x, torch.randn(4, 2), loss="mse")
+    problem = for_full(build(model, x, torch.randn(4, 2), loss="mse"))
     assert problem.batching == "vmap"
     assert 1 <= problem.max_batch <= adapter.MAX_VMAP_BATCH
     rows = problem.theta0 + 0.01 * np.random.default_rng(1).normal(size=(7, problem.size))
@@ -802,7 +811,7 @@ def test_vmap_failure_falls_back_to_a_loop_with_a_note() -> None:
     def needs_item(t: torch.Tensor) -> torch.Tensor:
         return t * float(t.sum().item() > -1e9)
 
-    problem = build(needs_item, torch.randn(3, dtype=f64))
+    problem = for_full(build(needs_item, torch.randn(3, dtype=f64)))
     assert problem.batching == "loop"
     assert any("torch.func.vmap cannot run it" in n for n in problem.notes)
     rows = problem.theta0 + np.eye(3)
@@ -810,7 +819,7 @@ def test_vmap_failure_falls_back_to_a_loop_with_a_note() -> None:
 
 
 def test_loss_batch_chunks_beyond_max_batch() -> None:
-    problem = build(nn.Linear(3, 2), torch.randn(2, 3))
+    problem = for_full(build(nn.Linear(3, 2), torch.randn(2, 3)))
     problem_rows = problem.theta0 + np.random.default_rng(2).normal(
         size=(problem.max_batch + 3, problem.size)
     )
@@ -825,6 +834,94 @@ def test_full_mode_uses_batches() -> None:
     report = check_gradients(model, torch.randn(8, 10), mode="full")
     assert report.passed
     assert report.batching == "vmap"
+
+
+class PlantedLinear(torch.autograd.Function):
+    """``x @ w.T + b`` that ``torch.func.vmap`` can run (``setup_context``, a generated vmap
+    rule), whose weight gradient has entry (1, 2) times ``factor``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, factor: float) -> torch.Tensor:
+        return x @ w.T + b
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, w, _, factor = inputs
+        ctx.save_for_backward(x, w)
+        ctx.factor = factor
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        x, w = ctx.saved_tensors
+        scale = torch.ones_like(w)
+        scale[1, 2] = ctx.factor
+        return g @ w, (g.T @ x) * scale, g.sum(0), None
+
+
+class Planted(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        torch.manual_seed(17)
+        self.lin = nn.Linear(4, 5, dtype=f64)
+        self.out = nn.Linear(5, 3, dtype=f64)
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = PlantedLinear.apply(x, self.lin.weight, self.lin.bias, self.factor)
+        return self.out(torch.tanh(h))
+
+
+def spy_on_batching_choice(monkeypatch: pytest.MonkeyPatch, pause: float = 0.0) -> list[int]:
+    """Count the calls of the adapter's batching choice (vmap probe), each ``pause`` longer."""
+    calls: list[int] = []
+    choose = adapter._choose_batching
+
+    def spy(*args: Any) -> Any:
+        calls.append(1)
+        time.sleep(pause)
+        return choose(*args)
+
+    monkeypatch.setattr(adapter, "_choose_batching", spy)
+    return calls
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.01])
+def test_the_batching_choice_is_made_for_full_mode_not_for_fast_mode(
+    monkeypatch: pytest.MonkeyPatch, factor: float
+) -> None:
+    calls = spy_on_batching_choice(monkeypatch)
+    x, y = torch.randn(6, 4, dtype=f64), torch.randn(6, 3, dtype=f64)
+    expected = [] if factor == 1.0 else ["lin.weight"]
+    fast = check_gradients(Planted(factor), x, y, mode="fast")
+    assert calls == [] and fast.batching == "loop"  # two evaluations: never worth a probe
+    full = check_gradients(Planted(factor), x, y, mode="full")
+    assert calls == [1] and full.batching == "vmap"
+    assert failed(fast) == failed(full) == expected, (str(fast), str(full))
+    # the same fast check with the choice made (vmap) beforehand: the same verdicts
+    problem = for_full(build(Planted(factor), x, y, loss="mse"))
+    assert calls == [1, 1] and problem.batching == "vmap"
+    batched = check_flat(problem, mode="fast")
+    assert failed(batched) == expected, str(batched)
+    assert calls == [1, 1]  # chosen once per problem
+    if expected:
+        for report in (fast, full, batched):
+            assert [e.index for e in report.block("lin.weight").worst] == [(1, 2)], str(report)
+
+
+def test_the_reports_time_covers_the_adapters_set_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    probe = adapter._probe
+
+    def slow_probe(ev: Any) -> Any:
+        time.sleep(0.2)
+        return probe(ev)
+
+    monkeypatch.setattr(adapter, "_probe", slow_probe)  # building the problem
+    spy_on_batching_choice(monkeypatch, pause=0.2)  # full mode's batching choice
+    x = torch.randn(6, 4, dtype=f64)
+    assert check_gradients(Planted(1.0), x, mode="fast").elapsed >= 0.2
+    assert check_gradients(Planted(1.0), x, mode="full").elapsed >= 0.4
 
 
 # ------------------------------------------------------------------ outputs

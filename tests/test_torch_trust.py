@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,15 +35,10 @@ adapter = pytest.importorskip("gradcheck.adapters.torch")
 from stability import assert_stable, in_threads  # noqa: E402
 from torch_models import FnLinear  # noqa: E402
 
-from gradcheck import (  # noqa: E402
-    InvalidOptionError,
-    ModelError,
-    NothingToCheckError,
-    Report,
-    check_gradients,
-)
+from gradcheck import Report, check_flat, check_gradients  # noqa: E402
 from gradcheck._problem import FlatProblem, output_projection  # noqa: E402
 from gradcheck._state import GLOBAL_STATE  # noqa: E402
+from gradcheck.errors import InvalidOptionError, ModelError, NothingToCheckError  # noqa: E402
 
 f64 = torch.float64
 
@@ -216,6 +212,8 @@ def test_gradient_loss_and_batches_equal_autograd_in_every_grad_mode(context: st
     expected, value = autograd_gradient(model, x)
     with CONTEXTS[context]():
         problem = build(model, x)
+        assert problem.batching == "loop" and problem.prepare is not None  # not chosen yet
+        problem = problem.prepare(2 * problem.size + 2)  # as a full check: chosen here
         assert problem.batching == "vmap"  # the batching choice does not change either
         assert problem.precision == "float64"  # nor the dtype probe
         np.testing.assert_allclose(problem.gradient(problem.theta0), expected, rtol=1e-12)
@@ -656,7 +654,9 @@ class SideEffects(nn.Module):
         return self.out(h)
 
 
-@pytest.mark.parametrize("fail_at", [0, 1, 2, 7, 60])
+# calls: 1 the gradient at theta0 (building), 2 and 3 the vmap probe of full mode's batching
+# choice (a BatchNorm in train mode cannot run under vmap), 4 the check's first evaluation
+@pytest.mark.parametrize("fail_at", [0, 1, 4, 7, 60])
 def test_the_users_module_is_left_bit_identical(fail_at: int) -> None:
     torch.manual_seed(12)
     model = SideEffects()
@@ -728,6 +728,7 @@ def test_concurrent_checks_of_dropout_models_agree_and_restore_the_rng(shared: b
     expected = data(check_gradients(common, x, mode="full"))
     torch.manual_seed(2024)
     rng = torch.get_rng_state()
+
     def work(i: int) -> Any:
         with GLOBAL_STATE:  # what this thread sees as its RNG state
             mine = torch.get_rng_state()
@@ -740,6 +741,30 @@ def test_concurrent_checks_of_dropout_models_agree_and_restore_the_rng(shared: b
     assert results == [expected] * 4
     assert expected["passed"]
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_the_batching_choice_is_made_once_per_problem_whichever_threads_ask() -> None:
+    # full mode's batching choice is made when a check first prepares the problem: checks of
+    # one problem in several threads at once share one choice (made under a lock)
+    problem = build(dropout_model(), torch.randn(6, 4))
+    prepare = problem.prepare
+    assert problem.batching == "loop" and prepare is not None
+    calls: list[int] = []
+    choose = adapter._choose_batching
+
+    def slow(*args: Any) -> Any:
+        calls.append(1)
+        time.sleep(0.05)  # long enough for every thread to ask meanwhile
+        return choose(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(adapter, "_choose_batching", slow)
+        prepared = in_threads(lambda i: prepare(2 * problem.size + 2))
+        reports = in_threads(lambda i: data(check_flat(problem, mode="full")))
+    assert calls == [1]
+    assert all(p is prepared[0] for p in prepared) and prepared[0].batching == "vmap"
+    assert reports == [reports[0]] * 4 and reports[0]["passed"]
+    assert prepare(2) is problem  # fast mode's two evaluations: the problem as built
 
 
 def test_dropout_batchnorm_model_is_stable() -> None:
@@ -923,3 +948,34 @@ def test_a_forward_that_raises_once_is_the_models_error_whichever_call_it_is(fai
 
     with pytest.raises(ModelError, match="boom"):
         check_gradients(Flaky(), torch.randn(7, 6))
+
+
+def test_a_custom_backward_that_is_not_deterministic_fails_its_parameter():
+    """A torch Function whose backward drifts between calls (a counter stands in for
+    atomics, which CPUs do not reorder): full mode fails the weight it writes, by rule 6;
+    the other blocks pass (oracle: the drift is planted in the weight's gradient only)."""
+    calls = iter(range(10**6))
+
+    class Drifting(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return x @ w.T
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, w = ctx.saved_tensors
+            return grad @ w, (grad.T @ x) * (1 + 1e-7 * next(calls))
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(2, 3, dtype=torch.float64))
+
+        def forward(self, x):
+            return Drifting.apply(x, self.weight)
+
+    torch.manual_seed(0)
+    report = check_gradients(Layer(), torch.randn(4, 3, dtype=torch.float64), mode="full")
+    assert [b.name for b in report.failed_blocks] == ["weight"], str(report)
+    assert "not deterministic" in (report.failed_blocks[0].diagnosis or "")
