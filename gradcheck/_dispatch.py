@@ -4,14 +4,19 @@ Two steps, both here:
 
 1. Each adapter whose framework is already imported claims the model objects that are
    unambiguously its own (``matches``: a ``torch.nn.Module``, a JAX ``(apply_fn, params)``
-   pair, an Equinox module, a NumPy model with ``forward``/``backward``, ...). No adapter
-   claims a plain callable, and none relies on another's list of exclusions.
+   pair, an Equinox module, a NumPy model with ``forward``/``backward``, a NumPy
+   ``(forward, backward)`` pair of functions, ...). No adapter claims a plain callable, and
+   none relies on another's list of exclusions. NumPy asks first: its claims are the
+   narrowest (dicts of NumPy arrays, a pair of two *functions*), and the JAX adapter takes
+   any ``(callable, params)`` pair.
 2. A plain callable (a function, a lambda, ``jax.nn.softplus``, ``torch.sin``) belongs to
    no one by its type, so it is routed by what it is given: torch tensors go to the torch
    adapter, JAX arrays to the JAX adapter. With NumPy inputs (or none) the callable itself
    decides: the module it comes from, or the modules its code refers to (``jnp``,
-   ``torch``); if that is not conclusive and only one of torch and jax is imported, that
-   one. Anything still ambiguous is an error that shows both forms.
+   ``torch``). If that is not conclusive, a callable that returns ``(loss, dx)`` on the
+   NumPy inputs (``softmax_loss(x, y)``) is a NumPy loss function; otherwise, if only one
+   of torch and jax is imported, that one. Anything still ambiguous is an error that shows
+   the forms.
 
 `select_adapter(model, x)` does both.
 """
@@ -25,16 +30,16 @@ import types
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._errors import MissingFrameworkError, UnsupportedModelError
+from .errors import MissingFrameworkError, ModelError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from ._problem import FlatProblem
 
 # (adapter module, the framework module that must already be imported for a model to be its)
 _ADAPTERS: tuple[tuple[str, str | None], ...] = (
+    ("gradcheck.adapters.numpy", None),
     ("gradcheck.adapters.torch", "torch"),
     ("gradcheck.adapters.jax", "jax"),
-    ("gradcheck.adapters.numpy", None),
 )
 
 #: top-level package -> the adapter whose arrays a plain callable from that package takes
@@ -55,9 +60,12 @@ _CALLABLE_FRAMEWORKS: dict[str, str] = {
 SUPPORTED = (
     "a torch.nn.Module; "
     "a JAX (apply_fn, params) pair, an Equinox module or a Flax module with its variables; "
-    "a NumPy model with `params`, `forward(x)`, `backward(dout)` and `grads`; "
+    "NumPy backprop (an object with `params`, `forward(x)`, `backward(dout)` and `grads`, "
+    "an object with `params` and `loss(X, y) -> (loss, grads)`, a (forward, backward) pair "
+    "of functions, or a function returning (loss, dx)); "
     "or a plain function of torch tensors or of JAX arrays"
 )
+
 
 class Adapter(Protocol):
     """What `check_gradients` needs of an adapter (a module, or the plain-callable router)."""
@@ -98,6 +106,13 @@ def select_adapter(model: Any, x: Any = None) -> Adapter:
         adapter = load_adapter(module_name)
         if adapter.matches(model):
             return adapter
+    from gradcheck.adapters import _numpy_shapes  # NumPy only, no framework
+
+    numpy_like = _numpy_shapes.closest_match(model)
+    if numpy_like is not None and (
+        not is_plain_callable(model) or _numpy_shapes.has_backward(model)
+    ):
+        raise _numpy_shapes.unsupported(model, numpy_like)
     if is_plain_callable(model):
         return route_callable(model, x)
     raise UnsupportedModelError(
@@ -113,31 +128,68 @@ def is_plain_callable(model: Any) -> bool:
 
 def route_callable(fn: Any, x: Any) -> Adapter:
     """The adapter of a plain callable ``fn`` given ``x``: by the arrays in ``x``, else by
-    ``fn``'s own module and references, else by the one framework imported."""
+    ``fn``'s own module and references; if neither tells, the NumPy adapter when ``fn``
+    returns ``(loss, dx)`` on ``x`` and ``y`` (known only when the problem is built, so a
+    `_Undecided` router is returned), else the one framework imported."""
     given = _input_frameworks(x)
     if len(given) > 1:
         raise UnsupportedModelError(
             "x mixes torch tensors and JAX arrays; a plain function takes one framework's arrays"
         )
     framework = next(iter(given), None) or _callable_framework(fn)
-    if framework is None:
+    if framework is not None:
+        return load_adapter(f"gradcheck.adapters.{framework}")
+    return _Undecided(fn)
+
+
+class _Undecided:
+    """The router of a plain callable that its inputs, module and code do not place: a NumPy
+    loss function if it returns ``(loss, dx)`` when called once on ``x`` and ``y``, else the
+    one framework imported, else an error that shows the forms."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def build_problem(
+        self,
+        model: Any,
+        x: Any,
+        y: Any = None,
+        *,
+        loss: Any = None,
+        wrt: str = "all",
+        seed: int = 0,
+    ) -> FlatProblem:
+        numpy_adapter = load_adapter("gradcheck.adapters.numpy")
+        imported = [name for name in ("torch", "jax") if name in sys.modules]
+        try:
+            why_not = numpy_adapter.returns_loss_and_gradient(model, x, y)
+        except ModelError:
+            if imported:  # it may be a torch or JAX function given NumPy arrays
+                why_not = "it raised on NumPy arrays"
+            else:
+                raise
+        adapter = numpy_adapter if why_not is None else self.framework(why_not)
+        problem: FlatProblem = adapter.build_problem(model, x, y, loss=loss, wrt=wrt, seed=seed)
+        return problem
+
+    def framework(self, why_not: str) -> Any:
         imported = [name for name in ("torch", "jax") if name in sys.modules]
         if len(imported) == 1:
-            framework = imported[0]
-    if framework is None:
-        name = _describe(fn)
-        if not any(name in sys.modules for name in ("torch", "jax")):
+            return load_adapter(f"gradcheck.adapters.{imported[0]}")
+        name = _describe(self.fn)
+        if not imported:
             raise UnsupportedModelError(
                 f"cannot check {name}: a plain function is checked through torch or JAX, and "
-                "neither is imported; pass a function of torch tensors or JAX arrays, or use "
-                "check_flat(loss, gradient, theta0) for NumPy code"
+                "neither is imported, or, on NumPy arrays, as a loss function "
+                f"f(x, y) -> (loss, dx), which it is not ({why_not}); pass a function of torch "
+                "tensors or JAX arrays, or use check_flat(loss, gradient, theta0) for NumPy code"
             )
         raise UnsupportedModelError(
             f"cannot tell whether {name} is a JAX or a torch function from NumPy inputs: "
             "for JAX pass JAX arrays (jnp.asarray(x)) or the pair (lambda p, x: f(x), {}), "
             "for torch pass torch tensors (torch.as_tensor(x))"
         )
-    return load_adapter(f"gradcheck.adapters.{framework}")
 
 
 def _root(module: Any) -> str | None:
