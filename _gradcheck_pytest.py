@@ -9,7 +9,9 @@ the fixture. ``-p no:gradcheck`` disables it.
 Settings resolve, per option: keyword argument of the fixture call >
 ``@pytest.mark.gradcheck(...)`` (the closest marker wins) > ``--gradcheck-*``
 command-line option > ``gradcheck_*`` ini key > the default of
-``gradcheck.check_gradients``.
+``gradcheck.check_gradients``. ``gradcheck.kernel(...)`` (``gradcheck.check_kernel``)
+resolves the options it shares with ``check_gradients`` (``seed``) the same way; the
+others (``k``, ``precision``, ...) are keywords of the call only.
 
 Under pytest-xdist the controller makes a journal folder (a temporary one) and
 hands its name to every worker; each worker appends every check to its own file
@@ -231,7 +233,8 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
 # ---------------------------------------------------------------------------- fixture
 class GradcheckFixture:
-    """The ``gradcheck`` fixture's value: ``gradcheck(model, x, y=None, **options)``."""
+    """The ``gradcheck`` fixture's value: ``gradcheck(model, x, y=None, **options)``, and
+    ``gradcheck.kernel(kernel, reference, x, y=None, **options)``."""
 
     def __init__(self, config: pytest.Config, node: pytest.Item) -> None:
         self._config = config
@@ -258,9 +261,48 @@ class GradcheckFixture:
         __tracebackhide__ = True
         settings = self.settings(**options)
 
-        from gradcheck import GradientCheckError, check_gradients
+        from gradcheck import check_gradients
 
         report = check_gradients(model, x, y, **settings)
+        return self._record(report)
+
+    def kernel(
+        self, kernel: Any, reference: Any, x: Any = None, y: Any = None, **options: Any
+    ) -> Report:
+        """Check a low-precision kernel against a reference: `gradcheck.check_kernel`.
+
+        Takes its arguments (``loss``, ``k``, ``seed``, ``precision``, ``check_reference``).
+        ``seed`` resolves as in a gradient check (marker > command line > ini > default);
+        the marker's other options do not apply to a kernel check and are not used. Returns
+        the report when the kernel passes; otherwise the test fails with the report's text
+        (a `gradcheck.GradientCheckError`). The report is in the session's summary and
+        JSON report.
+        """
+        __tracebackhide__ = True
+        import inspect
+
+        from gradcheck import check_kernel
+
+        keywords = [
+            name
+            for name, p in inspect.signature(check_kernel).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        unknown = sorted(set(options) - set(keywords))
+        if unknown:
+            raise TypeError(
+                f"gradcheck.kernel() got unknown keyword {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(keywords)}"
+            )
+        settings = {k: v for k, v in self.settings().items() if k in keywords}
+        settings.update(options)
+        report = check_kernel(kernel, reference, x, y, **settings)
+        return self._record(report)
+
+    def _record(self, report: Report) -> Report:
+        __tracebackhide__ = True
+        from gradcheck import GradientCheckError
+
         self._config.stash[_SESSION].add(self._node.nodeid, report)
         if not report.passed:
             raise GradientCheckError(report)
@@ -277,6 +319,8 @@ def gradcheck(request: pytest.FixtureRequest) -> GradcheckFixture:
     Options not given resolve through ``@pytest.mark.gradcheck(...)``, the
     ``--gradcheck-*`` options, the ``gradcheck_*`` ini keys and the defaults.
     ``gradcheck.settings(**options)`` shows what a call would use.
+    ``gradcheck.kernel(kernel, reference, x, y=None, **options)`` checks a low-precision
+    kernel against a reference (:func:`gradcheck.check_kernel`) in the same way.
     """
     return GradcheckFixture(request.config, request.node)
 
@@ -341,14 +385,17 @@ def _as_float(value: Any) -> float:
     return float(value)  # to_dict writes non-finite floats as "inf"/"nan"; float() reads them
 
 
-def _summary_lines(state: _Session) -> list[str]:
-    records = state.records
+def _is_kernel_check(record: dict[str, Any]) -> bool:
+    """A `gradcheck.check_kernel` report (its ``to_dict`` has ``kind: "reference"``)."""
+    return record["report"].get("kind", "gradients") == "reference"
+
+
+def _gradient_lines(records: list[dict[str, Any]]) -> list[str]:
     failed = [r for r in records if not r["passed"]]
     tests = {r["nodeid"] for r in records}
     blocks = sum(len(r["report"]["blocks"]) for r in records)
     entries = sum(int(r["report"]["entries_checked"]) for r in records)
     directions = sum(int(r["report"].get("directions_checked", 0)) for r in records)
-    elapsed = sum(float(r["report"]["elapsed"]) for r in records)
     evaluations = sum(int(r["report"]["evaluations"]) for r in records)
     lines = [
         f"models checked: {len(records)} in {len(tests)} test{'s' if len(tests) != 1 else ''}; "
@@ -372,6 +419,61 @@ def _summary_lines(state: _Session) -> list[str]:
             "worst error: none (every checked entry within tolerance"
             + (f"; {len(inconclusive)} inconclusive)" if inconclusive else ")")
         )
+    return lines
+
+
+def _over_allowance(block: dict[str, Any]) -> float:
+    """How many times its allowance a kernel block's worse statistic (max or mean) is."""
+    c = block.get("comparison") or {}
+    ratios = [0.0]
+    for stat in ("max", "mean"):
+        error, allowed = (
+            _as_float(c.get(f"kernel_{stat}", 0.0)),
+            _as_float(c.get(f"allowed_{stat}", 0.0)),
+        )
+        if error > allowed:
+            ratios.append(error / allowed if allowed > 0 else float("inf"))
+    return max(ratios)
+
+
+def _kernel_lines(records: list[dict[str, Any]]) -> list[str]:
+    failed = [r for r in records if not r["passed"]]
+    tests = {r["nodeid"] for r in records}
+    blocks = sum(len(r["report"]["blocks"]) for r in records)
+    evaluations = sum(int(r["report"]["evaluations"]) for r in records)
+    lines = [
+        f"kernels checked: {len(records)} in {len(tests)} test{'s' if len(tests) != 1 else ''}; "
+        f"failed: {len(failed)}",
+        f"kernel blocks checked (outputs and gradients): {blocks:,}; evaluations: {evaluations:,}",
+    ]
+    judged = [r for r in records if not r["report"]["problem"]]
+    bad = list(_failed_blocks(judged))
+    if bad:
+        nodeid, block = max(bad, key=lambda nb: _over_allowance(nb[1]))
+        c = block.get("comparison") or {}
+        stats = ", ".join(
+            f"{stat} error {_as_float(c.get(f'kernel_{stat}', 0.0)):.1e} "
+            f"(allowed {_as_float(c.get(f'allowed_{stat}', 0.0)):.1e})"
+            for stat in ("max", "mean")
+        )
+        lines.append(f"worst kernel error: `{block['name']}` in {nodeid}: {stats}")
+    else:
+        unjudged = len(records) - len(judged)
+        lines.append(
+            "worst kernel error: none (every block within its allowance"
+            + (f"; {unjudged} not judged: the reference failed its own check)" if unjudged else ")")
+        )
+    return lines
+
+
+def _summary_lines(state: _Session) -> list[str]:
+    records = state.records
+    kernels = [r for r in records if _is_kernel_check(r)]
+    gradients = [r for r in records if not _is_kernel_check(r)]
+    elapsed = sum(float(r["report"]["elapsed"]) for r in records)
+    lines = _gradient_lines(gradients) if gradients or not kernels else []
+    if kernels:
+        lines.extend(_kernel_lines(kernels))
     lines.append(f"time in checks: {elapsed:.2f}s")
     if state.crashed:
         workers = ", ".join(c["worker"] for c in state.crashed)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._errors import GradientCheckError
+from .errors import GradientCheckError
+
+if TYPE_CHECKING:
+    from ._verdict import ReferenceVerdict
 
 MAX_ROWS = 5
 
@@ -91,6 +94,12 @@ class BlockResult:
         diagnosis: a sentence naming the likely kind of bug, where the data show one.
         localized: fast mode only: how many wrong entries localisation named.
         note: anything else worth a line (a budget ran out, entries not evaluable).
+        comparison: a reference check only (`gradcheck.check_kernel`): the kernel's and
+            the low-precision reference's errors against the float64 reference, the
+            allowances and the detection limit (a `gradcheck._verdict.ReferenceVerdict`).
+            ``kind`` is then also ``"output"`` for the kernel's outputs, and ``checked``
+            counts the two statistics judged (max and mean error), ``mismatches`` those
+            over their allowance.
     """
 
     name: str
@@ -111,6 +120,7 @@ class BlockResult:
     unresolved: int = 0
     unresolved_examples: tuple[Entry, ...] = ()
     unit: str = "entries"
+    comparison: ReferenceVerdict | None = None
 
     @property
     def passed(self) -> bool:
@@ -124,6 +134,15 @@ class BlockResult:
         return self.mismatches == 0 and not self.passed
 
     def to_dict(self) -> dict[str, Any]:
+        data = self._base_dict()
+        if self.comparison is not None:
+            data["comparison"] = {
+                key: (_json_float(value) if isinstance(value, float) else value)
+                for key, value in vars(self.comparison).items()
+            }
+        return data
+
+    def _base_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "shape": list(self.shape),
@@ -169,6 +188,11 @@ class Report:
         problem: set when no gradient verdict was possible (a non-deterministic
             forward, the evaluation budget ran out): the check then fails.
         numeric: the numerical gradient (full mode), flat, in the blocks' layout.
+        kind: ``"gradients"`` (a check against numerical derivatives) or ``"reference"``
+            (`gradcheck.check_kernel`: a kernel against a reference implementation;
+            ``safety`` is then its ``k``, ``precision`` the kernel's).
+        reference_check: a reference check only: the report of checking the reference's
+            own gradients against finite differences in float64 (None when not run).
     """
 
     blocks: tuple[BlockResult, ...]
@@ -187,6 +211,8 @@ class Report:
     skipped: tuple[str, ...] = ()
     problem: str | None = None
     numeric: np.ndarray | None = field(default=None, repr=False, compare=False)
+    kind: str = "gradients"
+    reference_check: Report | None = None
 
     @property
     def passed(self) -> bool:
@@ -222,6 +248,15 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dictionary of the whole report (without the numeric gradient)."""
+        data = self._base_dict()
+        if self.kind != "gradients":
+            data["kind"] = self.kind
+            data["reference_check"] = (
+                None if self.reference_check is None else self.reference_check.to_dict()
+            )
+        return data
+
+    def _base_dict(self) -> dict[str, Any]:
         return {
             "passed": self.passed,
             "mode": self.mode,
@@ -244,6 +279,8 @@ class Report:
         }
 
     def __str__(self) -> str:
+        if self.kind == "reference":
+            return render_reference(self)
         return render(self)
 
 
@@ -405,5 +442,118 @@ def render(report: Report) -> str:
         names = ", ".join(f"`{s}`" for s in report.skipped)
         lines.append(f"skipped (frozen or not checkable): {names}")
     for w in (*report.warnings, *notes):
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reference checks
+def _ratio(kernel: float, reference: float) -> str:
+    if reference > 0:
+        return f"{kernel / reference:.2g}"
+    return "0" if kernel == 0 else "inf"
+
+
+def _visible(limit: float) -> str:
+    return "nothing (the block is zero)" if not math.isfinite(limit) else f"{100 * limit:.2g}%"
+
+
+def _reference_table(b: BlockResult, lowprec: str) -> list[str]:
+    width = max([len(_index(e.index)) for e in b.worst] + [5])
+    lines = [
+        f"  {'index':<{width}}  {'kernel':>11}  {'float64 ref':>11}  "
+        f"{'|' + lowprec + ' ref - ref|':>22}  {'|kernel - ref|':>14}"
+    ]
+    for e in b.worst:
+        lines.append(
+            f"  {_index(e.index):<{width}}  {_num(e.analytic):>11}  {_num(e.numeric):>11}  "
+            f"{_small(e.error):>22}  {_small(e.abs_diff):>14}"
+        )
+    return lines
+
+
+def _reference_block_lines(b: BlockResult, lowprec: str) -> list[str]:
+    c = b.comparison
+    kind = {"input": "  (input)", "output": "  (output)"}.get(b.kind, "")
+    lines = [f"`{b.name}`  shape {_shape(b.shape)}{kind}"]
+    if c is None:  # pragma: no cover - every block of a reference check has one
+        return lines
+    for what, ke, re_, allowed, ok in (
+        ("max ", c.kernel_max, c.ref_max, c.allowed_max, c.max_ok),
+        ("mean", c.kernel_mean, c.ref_mean, c.allowed_mean, c.mean_ok),
+    ):
+        lines.append(
+            f"  {what} error: kernel {_small(ke)}   {lowprec} reference {_small(re_)}   "
+            f"ratio {_ratio(ke, re_)}   allowed {_small(allowed)}"
+            + ("" if ok else "   <- too large")
+        )
+    lines.append(f"  errors above {_visible(c.limit)} of the values are visible here")
+    if b.worst:
+        lines.extend(_reference_table(b, lowprec))
+    if b.diagnosis:
+        lines.append(f"  diagnosis: {b.diagnosis}")
+    if b.note:
+        lines.append(f"  note: {b.note}")
+    return lines
+
+
+def render_reference(report: Report) -> str:
+    """The readable report of a reference check (`gradcheck.check_kernel`)."""
+    lowprec = report.precision
+    n = len(report.blocks)
+    wrong = report.failed_blocks
+    summary = (
+        f"{lowprec} kernel, float64 and {lowprec} reference, {report.evaluations:,} evaluations, "
+        f"{report.elapsed:.2f}s"
+    )
+    ref = report.reference_check
+    if report.problem is not None:
+        first = f"kernel not judged: {report.problem} ({summary})"
+    elif not wrong:
+        first = f"kernel agrees with the reference in {_blocks(n, 'all ')} ({summary})"
+    else:
+        where = "the only block" if n == 1 else f"{len(wrong)} of {_blocks(n)}"
+        first = f"kernel disagrees with the reference in {where} ({summary})"
+    lines = [
+        first,
+        f"test per block: kernel error <= k*({lowprec} reference error) + floor, for the max and "
+        f"the mean |error| against the float64 reference; k={report.safety:g} "
+        f"({report.mode_reason}; seed={report.seed}; {report.framework})",
+    ]
+    if ref is not None:
+        if ref.passed:
+            lines.append(
+                "reference: its gradients agree with finite differences in float64 "
+                f"({ref.mode} mode, {ref.evaluations:,} evaluations)"
+            )
+        else:
+            lines.append("")
+            lines.append("the reference's own gradients, against finite differences in float64:")
+            for b in ref.failed_blocks:
+                lines.extend(_block_lines(b))
+    shown = report.blocks if report.problem is not None else wrong
+    if report.problem is not None:
+        lines.append("")
+        lines.append("the kernel against this reference (for information, not a verdict):")
+    for b in shown:
+        lines.append("")
+        lines.extend(_reference_block_lines(b, lowprec))
+    passed = [b for b in report.blocks if b.passed and b not in shown]
+    if passed:
+        lines.append("")
+        lines.append(
+            f"passed (kernel error / {lowprec} reference error, max and mean; "
+            "smallest error visible):"
+        )
+        width = max(len(f"`{b.name}` {_shape(b.shape)}") for b in passed)
+        for b in passed:
+            c = b.comparison
+            if c is None:  # pragma: no cover
+                continue
+            label = f"`{b.name}` {_shape(b.shape)}"
+            lines.append(
+                f"  {label:<{width}}  ratio {_ratio(c.kernel_max, c.ref_max):>4} / "
+                f"{_ratio(c.kernel_mean, c.ref_mean):<4}  visible above {_visible(c.limit)}"
+            )
+    for w in report.warnings:
         lines.append(f"warning: {w}")
     return "\n".join(lines)

@@ -206,7 +206,7 @@ def test_a_case_that_cannot_be_checked_exits_2_and_is_named(
 
 
 def test_bad_option_is_a_usage_error(cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--mode", "fastest"], ["--rtol", "-1"], ["--max-evals", "0"], ["--wrt", "x"]):
+    for argv in (["--mode", "fastest"], ["--rtol", "-1"], ["--max-evals", "0"], ["--wrt", ""], ["--wrt", "W,"]):
         with pytest.raises(SystemExit) as info:
             main(["check", f"{cases}::good", *argv])
         assert info.value.code == 2
@@ -256,6 +256,7 @@ def test_json_format_reports_an_import_error(
 
 def test_options_reach_the_check(cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--mode", "fast", "--seed", "3", "--wrt", "params", "--rtol", "1e-5", "--atol=1e-7"]
+    argv += ["--nondet-tol", "0"]
     status, out, _ = run(["check", f"{cases}::good_with_loss", *argv, "--format=json"], capsys)
     assert status == 0
     document = json.loads(out)
@@ -266,6 +267,7 @@ def test_options_reach_the_check(cases: Path, capsys: pytest.CaptureFixture[str]
         "rtol": 1e-5,
         "atol": 1e-7,
         "max_evals": None,
+        "nondet_tol": 0.0,
     }
     report: dict[str, Any] = document["cases"][0]["report"]
     assert (report["mode"], report["seed"], report["rtol"], report["atol"]) == (
@@ -568,3 +570,103 @@ def test_no_cases_is_not_a_pass(
             f"gradcheck check: error: {name} gave no cases ({shown}): nothing to check\n"
         )
         assert json.loads(out)["passed"] is False
+
+
+# ------------------------------------------------------------------- kernel cases
+KERNEL_CASES = """
+import torch
+from zoo.low_precision_torch import case
+
+torch.set_num_threads(1)
+
+
+def kernel_case(name, bug=None, **extra):
+    c = case(name, torch.bfloat16, 0, bug)
+    return {"kernel": c.kernel, "reference": c.reference, "x": c.x, **extra}
+
+
+def one():
+    return kernel_case("bias_gelu")
+
+
+def mixed():
+    from gradcheck.reference import MLP
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(4, 2))
+    return {
+        "model": (MLP([2, 3, 1], seed=0), x, None),
+        "gelu": kernel_case("bias_gelu", k=3),
+        "gelu-bug": lambda: kernel_case("bias_gelu", "scale_10%", check_reference=False),
+    }
+
+
+def typo():
+    return [kernel_case("bias_gelu", tolerance=1.0)]
+
+
+def half_a_kernel_case():
+    return {"only": {"kernel": None, "x": 1}}
+"""
+
+
+@pytest.fixture
+def kernel_cases(tmp_path: Path) -> Path:
+    pytest.importorskip("torch")
+    path = tmp_path / "kernel_cases.py"
+    path.write_text(KERNEL_CASES, encoding="utf-8")
+    return path
+
+
+def test_a_kernel_case_alone_passes_and_exits_0(
+    kernel_cases: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run(["check", f"{kernel_cases}::one"], capsys)
+    assert status == 0, out
+    assert out.startswith("PASS  one: kernel agrees with the reference in all 3 blocks (bfloat16")
+    assert out.splitlines()[-1].startswith("gradcheck: 1 case: 1 passed, 0 failed, 0 errors")
+
+
+def test_kernel_cases_next_to_model_cases_fail_with_the_report(
+    kernel_cases: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run(["check", f"{kernel_cases}::mixed"], capsys)
+    assert status == 1
+    assert "PASS  mixed[model]: gradients agree" in out
+    assert "PASS  mixed[gelu]: kernel agrees with the reference in all 3 blocks" in out
+    assert "FAIL  mixed[gelu-bug]:\n      kernel disagrees with the reference in 1 of 3 blocks" in out
+    assert "      `bias`  shape (16,)\n        max  error: kernel " in out
+    assert "diagnosis: kernel = 1.1 x reference across the block" in out
+    assert out.splitlines()[-1].startswith("gradcheck: 3 cases: 2 passed, 1 failed, 0 errors")
+
+
+def test_kernel_cases_in_json(kernel_cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(["check", f"{kernel_cases}::mixed", "--format=json", "--seed=3"], capsys)
+    assert status == 1
+    document = json.loads(out)
+    assert (document["exit_status"], document["options"]["seed"]) == (1, 3)
+    assert document["summary"]["passed"] == 2 and document["summary"]["failed"] == 1
+    by_name = {c["name"]: c for c in document["cases"]}
+    assert set(by_name["mixed[model]"]) == {"name", "status", "passed", "error", "report"}
+    assert "kind" not in by_name["mixed[model]"]["report"]  # a model case's JSON as before
+    gelu = by_name["mixed[gelu]"]["report"]
+    assert (gelu["kind"], gelu["seed"], gelu["safety"]) == ("reference", 3, 3.0)
+    assert gelu["reference_check"]["passed"] is True
+    assert all(b["comparison"]["max_ok"] for b in gelu["blocks"])
+    bug = by_name["mixed[gelu-bug]"]
+    assert (bug["status"], bug["report"]["reference_check"]) == ("fail", None)
+    assert [b["name"] for b in bug["report"]["blocks"] if not b["passed"]] == ["bias"]
+
+
+def test_a_kernel_case_that_cannot_be_checked_exits_2(
+    kernel_cases: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, _ = run(["check", f"{kernel_cases}::typo"], capsys)
+    assert status == 2
+    assert "ERROR typo[0]: a kernel case got unknown key 'tolerance'; allowed: kernel, " in out
+    status, out, _ = run(["check", f"{kernel_cases}::half_a_kernel_case"], capsys)
+    assert status == 2
+    assert (
+        "ERROR half_a_kernel_case[only]: expected (model, x, y) or (model, x, y, loss); got a "
+        "dict (a kernel case is a dict with the keys 'kernel', 'reference' and 'x')"
+    ) in out

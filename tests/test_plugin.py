@@ -228,7 +228,7 @@ def test_unknown_marker_keyword_errors(pytester: pytest.Pytester) -> None:
         [
             "*ERROR at setup of test_typo*",
             "@pytest.mark.gradcheck got unknown keyword 'mdoe'; "
-            "allowed: mode, seed, rtol, atol, max_evals, wrt",
+            "allowed: mode, seed, rtol, atol, max_evals, nondet_tol, wrt",
         ]
     )
     result.stdout.fnmatch_lines(
@@ -320,6 +320,7 @@ def test_ini_keys_and_command_line_options(pytester: pytest.Pytester) -> None:
         def test_settings(gradcheck):
             assert gradcheck.settings() == {
                 "mode": "fast", "seed": 0, "rtol": 1e-5, "atol": 1e-7, "max_evals": 1000,
+                "nondet_tol": None,
             }
             report = gradcheck(GOOD, X, Y)
             assert (report.mode, report.rtol, report.atol) == ("fast", 1e-5, 1e-7)
@@ -329,6 +330,7 @@ def test_ini_keys_and_command_line_options(pytester: pytest.Pytester) -> None:
                 pytest.skip("only with the command-line options")
             assert gradcheck.settings() == {
                 "mode": "full", "seed": 3, "rtol": 0.5, "atol": 1e-7, "max_evals": 1000,
+                "nondet_tol": None,
             }
         """,
     )
@@ -341,7 +343,8 @@ def test_ini_keys_and_command_line_options(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, failed=1)  # test_settings now sees the command line
     result.stdout.fnmatch_lines(
         [
-            "gradcheck: mode=full, seed=3, rtol=0.5, atol=1e-07, max_evals=1000; report: *"
+            "gradcheck: mode=full, seed=3, rtol=0.5, atol=1e-07, max_evals=1000, "
+            "nondet_tol=None; report: *"
             "gradcheck.json"
         ]
     )
@@ -516,6 +519,113 @@ def test_fixture_with_jax_models(pytester: pytest.Pytester) -> None:
             "E       *GradientCheckError: gradients disagree in 2 of 2 blocks*",
         ]
     )
+
+
+# ------------------------------------------------------------------------ kernel checks
+KERNEL_TESTS = """
+import pytest
+import torch
+from gradcheck import GradientCheckError
+from kernel_zoo import case
+
+torch.set_num_threads(1)
+
+
+def test_kernel_passes(gradcheck):
+    c = case("bias_gelu")
+    report = gradcheck.kernel(c.kernel, c.reference, c.x)
+    assert (report.kind, report.precision, report.seed) == ("reference", "bfloat16", 0)
+
+
+@pytest.mark.gradcheck(seed=5, mode="full", rtol=1e-3)  # only the seed applies to a kernel
+def test_kernel_marker_seed_and_call_k(gradcheck):
+    c = case("bias_gelu")
+    report = gradcheck.kernel(c.kernel, c.reference, c.x, k=3, check_reference=False)
+    assert (report.seed, report.safety, report.reference_check) == (5, 3.0, None)
+
+
+def test_kernel_bug_fails(gradcheck):
+    c = case("bias_gelu", bug="scale_10%")
+    gradcheck.kernel(c.kernel, c.reference, c.x)
+
+
+def test_kernel_bug_expected(gradcheck):
+    c = case("attention", bug="no_scale")
+    with pytest.raises(GradientCheckError, match="kernel disagrees with the reference"):
+        gradcheck.kernel(c.kernel, c.reference, c.x)
+
+
+def test_kernel_unknown_keyword(gradcheck):
+    with pytest.raises(TypeError, match="gradcheck.kernel.. got unknown keyword 'rtol'; allowed: loss, k, seed, precision, check_reference"):
+        gradcheck.kernel(None, None, None, rtol=1e-3)
+"""
+
+
+def _write_kernel_tests(pytester: pytest.Pytester) -> None:
+    zoo = Path(__file__).parent / "zoo" / "low_precision_torch.py"
+    pytester.makepyfile(kernel_zoo=zoo.read_text(encoding="utf-8"))
+    pytester.makepyfile(test_kernels=MODELS + KERNEL_TESTS + GRADIENT_NEXT_TO_KERNELS)
+
+
+GRADIENT_NEXT_TO_KERNELS = """
+
+def test_model(gradcheck):
+    gradcheck(GOOD, X, Y)
+"""
+
+
+def test_fixture_kernel_checks_pass_fail_and_reach_the_report(pytester: pytest.Pytester) -> None:
+    _skip_unless_installed("torch")
+    _write_kernel_tests(pytester)
+    result = pytester.runpytest_subprocess(*ISOLATE, "--gradcheck-report=report.json")
+    result.assert_outcomes(passed=5, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            ">       gradcheck.kernel(c.kernel, c.reference, c.x)",
+            "E       *GradientCheckError: kernel disagrees with the reference in 1 of 3 blocks *",
+            "E       `bias`  shape (16,)",
+            "E         max  error: kernel *<- too large",
+            "E         diagnosis: kernel = 1.1 x reference across the block (a wrong scale?)",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*- gradcheck -*",
+            "models checked: 1 in 1 test; failed: 0",
+            "blocks checked: 5; entries checked: 21; random directions: 0; evaluations: *",
+            "worst error: none (every checked entry within tolerance)",
+            "kernels checked: 4 in 4 tests; failed: 2",
+            "kernel blocks checked (outputs and gradients): 13; evaluations: *",
+            "worst kernel error: `input[[]0]` in test_kernels.py::test_kernel_bug_expected: "
+            "max error * (allowed *), mean error * (allowed *)",
+            "time in checks: *s",
+            "report: *report.json",
+        ]
+    )
+    document = _read_report(pytester.path / "report.json")
+    assert document["summary"] == {"checks": 5, "passed": 3, "failed": 2}
+    checks = {c["nodeid"].split("::")[-1]: c for c in document["checks"]}
+    assert "kind" not in checks["test_model"]["report"]
+    bug = checks["test_kernel_bug_fails"]
+    assert (bug["passed"], bug["report"]["kind"]) == (False, "reference")
+    assert [b["name"] for b in bug["report"]["blocks"] if not b["passed"]] == ["bias"]
+    failed = next(b for b in bug["report"]["blocks"] if not b["passed"])
+    assert failed["comparison"]["max_ok"] is False and failed["unit"] == "statistics"
+    assert bug["report"]["reference_check"]["passed"] is True
+    marked = checks["test_kernel_marker_seed_and_call_k"]["report"]
+    assert (marked["seed"], marked["safety"], marked["reference_check"]) == (5, 3.0, None)
+
+
+def test_fixture_kernel_checks_under_xdist(pytester: pytest.Pytester) -> None:
+    _skip_unless_installed("torch")
+    pytest.importorskip("xdist")
+    _write_kernel_tests(pytester)
+    result = pytester.runpytest_subprocess(*ISOLATE, "-n", "2", "--gradcheck-report=r.json")
+    result.assert_outcomes(passed=5, failed=1)
+    result.stdout.fnmatch_lines(["kernels checked: 4 in 4 tests; failed: 2"])
+    document = _read_report(pytester.path / "r.json")
+    kinds = sorted(c["report"].get("kind", "gradients") for c in document["checks"])
+    assert kinds == ["gradients"] + ["reference"] * 4
 
 
 # ------------------------------------------------------- the report under xdist crashes
