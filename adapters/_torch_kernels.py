@@ -21,6 +21,7 @@ from gradcheck._errors import first_line
 from gradcheck._problem import output_projection
 from gradcheck._reference_check import KernelEvaluation
 from gradcheck._report import Report
+from gradcheck._state import GLOBAL_STATE
 from gradcheck.errors import GradcheckInputError, InvalidOptionError, ModelError
 
 from .torch import _PRECISIONS, _copy_module, _flatten, _named_loss
@@ -57,18 +58,21 @@ def _cast(t: Any, dtype: torch.dtype) -> Any:
 
 @contextlib.contextmanager
 def _no_tf32(device: torch.device) -> Iterator[None]:
-    """TF32 off for the golden evaluation on CUDA, restored afterwards."""
+    """TF32 off for the golden evaluation on CUDA, restored afterwards. The flags are
+    process-wide: they are saved, set and restored under `GLOBAL_STATE`, so that checks in
+    threads cannot restore each other's values out of order."""
     if device.type != "cuda":
         yield
         return
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-        torch.backends.cudnn.allow_tf32 = cudnn
+    with GLOBAL_STATE:
+        matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+            torch.backends.cudnn.allow_tf32 = cudnn
 
 
 class _Case:
