@@ -17,7 +17,7 @@ from torch import nn
 
 adapter = pytest.importorskip("gradcheck.adapters.torch")
 
-from torch_models import FnLinear, make_linear_function  # noqa: E402
+from torch_models import FnLinear, WithStatistic, make_linear_function  # noqa: E402
 
 from gradcheck import check_flat, check_gradients  # noqa: E402
 from gradcheck._losses import numpy_loss  # noqa: E402
@@ -925,20 +925,6 @@ def test_the_reports_time_covers_the_adapters_set_up(monkeypatch: pytest.MonkeyP
 
 
 # ------------------------------------------------------------------ outputs
-class WithStatistic(torch.autograd.Function):
-    """Returns ``2x`` and a statistic it declares non-differentiable."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stat = x.sum() * 1.0
-        ctx.mark_non_differentiable(stat)
-        return 2 * x, stat
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor, g_stat: torch.Tensor | None) -> torch.Tensor:
-        return 2 * g
-
-
 def test_outputs_declared_non_differentiable_are_left_out_of_the_projection() -> None:
     report = check_gradients(WithStatistic, torch.randn(4, dtype=f64))
     assert report.passed, str(report)

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 adapter = pytest.importorskip("gradcheck.adapters.torch")
 
 from stability import assert_stable, in_threads  # noqa: E402
-from torch_models import FnLinear  # noqa: E402
+from torch_models import FnLinear, WithStatistic  # noqa: E402
 
 from gradcheck import Report, check_flat, check_gradients  # noqa: E402
 from gradcheck._problem import FlatProblem, output_projection  # noqa: E402
@@ -227,17 +227,6 @@ def test_gradient_loss_and_batches_equal_autograd_in_every_grad_mode(context: st
 
 @pytest.mark.parametrize("context", list(CONTEXTS))
 def test_reducer_fallbacks_and_losses_in_every_grad_mode(context: str) -> None:
-    class WithStatistic(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            stat = x.sum() * 1.0
-            ctx.mark_non_differentiable(stat)
-            return 2 * x, stat
-
-        @staticmethod
-        def backward(ctx: Any, g: torch.Tensor, g_stat: Any) -> torch.Tensor:
-            return 2 * g
-
     def needs_float32(t: torch.Tensor) -> torch.Tensor:
         return t @ torch.ones(3, 2)  # a float32 tensor made inside: float64 is impossible
 

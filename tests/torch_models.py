@@ -1,5 +1,6 @@
-"""A linear layer with a hand-written backward as a ``torch.autograd.Function``, right or with
-a planted bug: the custom-layer model the torch tests share (torch must be importable)."""
+"""Torch models the torch tests share: a linear layer with a hand-written backward as a
+``torch.autograd.Function`` (right or with a planted bug), and a Function with an output it
+declares non-differentiable (torch must be importable)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,17 @@ class FnLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn.apply(x, self.weight, self.bias)
+
+
+class WithStatistic(torch.autograd.Function):
+    """Returns ``2x`` and a statistic it declares non-differentiable."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stat = x.sum() * 1.0
+        ctx.mark_non_differentiable(stat)
+        return 2 * x, stat
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, g_stat: torch.Tensor | None) -> torch.Tensor:
+        return 2 * g
