@@ -21,10 +21,17 @@ from numbers import Integral, Real
 from types import MappingProxyType
 from typing import Any, Literal
 
-Kind = Literal["choice", "blocks", "seed", "tolerance", "count"]
+Kind = Literal["choice", "blocks", "seed", "tolerance", "count", "flag", "order"]
 
 #: Text that means "not set" (the default) for an option whose default is None.
 _UNSET_TEXT = ("", "none", "default")
+
+#: How a ``"flag"`` is written on a command line or in an ini file.
+_TRUE_TEXT = ("1", "true", "yes", "on")
+_FALSE_TEXT = ("0", "false", "no", "off")
+
+#: The derivative orders a check can take (``order``).
+ORDERS = (1, 2)
 
 
 class OptionValueError(ValueError):
@@ -43,7 +50,8 @@ class Option:
         metavar: the value's name in ``--help`` (``N``, ``FLOAT``).
         kind: ``"choice"`` (one of ``choices``), ``"blocks"`` (one of ``choices``, a block
             name or pattern, or a list of these), ``"seed"`` (an int in [0, 2**64)),
-            ``"tolerance"`` (a finite number >= 0, or None), ``"count"`` (an int >= 1, or None).
+            ``"tolerance"`` (a finite number >= 0, or None), ``"count"`` (an int >= 1, or None),
+            ``"flag"`` (True or False; ``yes``/``no`` in text), ``"order"`` (1 or 2).
         choices: the allowed values of a ``"choice"``, the categories of ``"blocks"``.
         per_session: whether a whole test session may set it (a pytest command-line option
             and ini key). ``wrt`` depends on each model's blocks: marker and call only.
@@ -96,6 +104,15 @@ class Option:
                     f"these; got {value!r}"
                 )
             return value if isinstance(value, str) else tuple(items)
+        if self.kind == "flag":
+            if isinstance(value, bool) or type(value).__name__ == "bool_":  # NumPy's bool too
+                return bool(value)
+            raise OptionValueError(f"{self.name} must be True or False; got {value!r}")
+        if self.kind == "order":
+            if isinstance(value, bool) or not isinstance(value, Integral) or value not in ORDERS:
+                allowed = " or ".join(str(o) for o in ORDERS)
+                raise OptionValueError(f"{self.name} must be {allowed}; got {value!r}")
+            return int(value)
         if value is None and self.default is None:
             return None
         if self.kind == "tolerance":
@@ -131,6 +148,12 @@ class Option:
         if self.kind == "blocks":  # comma-separated: "params,input"
             items = tuple(item.strip() for item in stripped.split(","))
             return self.validate(items[0] if len(items) == 1 else items)
+        if self.kind == "flag":
+            if stripped.lower() in _TRUE_TEXT:
+                return True
+            if stripped.lower() in _FALSE_TEXT:
+                return False
+            raise OptionValueError(f"{self.name} must be yes or no; got {text!r}")
         if self.default is None and stripped.lower() in _UNSET_TEXT:
             return None
         convert: Callable[[str], Any] = float if self.kind == "tolerance" else int
@@ -195,6 +218,29 @@ OPTIONS: tuple[Option, ...] = (
         "FLOAT",
         "tolerance",
         default_help="checked in full mode only, within atol's floor",
+    ),
+    Option(
+        "order",
+        1,
+        "1: the gradient; 2: also the second derivative (the backward differentiated)",
+        "ORDER",
+        "order",
+    ),
+    Option(
+        "forward",
+        False,
+        "also check forward mode (JVP rules) against the same numerical derivatives",
+        "BOOL",
+        "flag",
+        default_help="no",
+    ),
+    Option(
+        "batched",
+        False,
+        "also check that the backward under vmap agrees with it one point at a time",
+        "BOOL",
+        "flag",
+        default_help="no",
     ),
     Option(
         "wrt",

@@ -9,8 +9,8 @@ from typing import Any as _Any
 
 from . import errors as errors
 from ._api import assert_gradients as assert_gradients
+from ._api import check_flat as check_flat
 from ._api import check_gradients as check_gradients
-from ._check import check_flat as check_flat
 from ._options import TOLERANCES as TOLERANCES
 from ._options import Tolerance as Tolerance
 from ._problem import Block as Block

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +24,6 @@ from ._problem import Block, FlatProblem
 from ._report import MAX_ROWS, BlockResult, Entry, Report
 from ._verdict import block_floor, repeats
 from .errors import (
-    InvalidOptionError,
     ModelError,
     NonFiniteError,
     ShapeMismatchError,
@@ -34,8 +33,10 @@ from .errors import (
 AUTO_FULL_LIMIT = 20_000
 
 
-def _analytic(problem: FlatProblem) -> np.ndarray:
-    g = np.asarray(problem.gradient(problem.theta0))
+def analytic_gradient(problem: FlatProblem, theta: np.ndarray | None = None) -> np.ndarray:
+    """The problem's gradient at ``theta`` (default: the start), checked: real, numeric, of
+    ``theta``'s shape, as float64."""
+    g = np.asarray(problem.gradient(problem.theta0 if theta is None else theta))
     if g.dtype == object or not (
         np.issubdtype(g.dtype, np.number) or np.issubdtype(g.dtype, np.bool_)
     ):
@@ -176,9 +177,7 @@ def _run_full(
     return blocks, issue
 
 
-def run_check(
-    problem: FlatProblem, options: CheckOptions, started: float | None = None
-) -> Report:
+def run_check(problem: FlatProblem, options: CheckOptions, started: float | None = None) -> Report:
     """Check ``problem``'s analytic gradient; the whole of the core in one call.
 
     ``started``: the ``time.perf_counter()`` of the call the report's time should cover
@@ -210,6 +209,7 @@ def _under(settings: dict[str, Any], problem: FlatProblem) -> FlatProblem:
         loss=theirs(problem.loss),
         gradient=theirs(problem.gradient),
         loss_batch=None if batch is None else theirs(batch),
+        loss_along=None if problem.loss_along is None else theirs(problem.loss_along),
         prepare=None,
     )
 
@@ -227,16 +227,14 @@ def _run_check(
     _check_start(problem)
     ev = Evaluator(problem, options.max_evals)
     warnings = list(problem.notes)
-    g = _analytic(problem)
+    g = analytic_gradient(problem)
     ev.charge(1)
     # a NaN or Inf analytic entry is a mismatch: full mode measures and compares its block
     # as any other; fast mode fails the block as it is (`_not_finite`) and checks the rest
     # with those entries set to 0 (its directions then disagree only within those blocks,
     # whose verdicts are replaced)
     raw = g
-    broken = {
-        id(b): _not_finite(b, g) for b in problem.blocks if not _all_finite(g[b.slice])
-    }
+    broken = {id(b): _not_finite(b, g) for b in problem.blocks if not _all_finite(g[b.slice])}
     if broken:
         g = np.where(np.isfinite(g), g, 0.0)
     at0 = StartingPoint(ev)  # the loss at theta0, evaluated (twice) when first needed
@@ -249,9 +247,7 @@ def _run_check(
             unstable = _unrepeatable(problem, ev, raw, tol, options.nondet_tol)
         if mode == "full":
             numeric_all = np.full(problem.size, np.nan)
-            blocks, issue = _run_full(
-                problem, ev, g, at0, tol, options, numeric_all, broken, raw
-            )
+            blocks, issue = _run_full(problem, ev, g, at0, tol, options, numeric_all, broken, raw)
         else:
             blocks, fast_warnings = run_fast(problem, ev, g, at0, tol, options)
             warnings.extend(fast_warnings)
@@ -304,7 +300,7 @@ def _unrepeatable(
     be compared with numerical derivatives, and varies in the user's training too. Each
     block may differ by ``nondet_tol`` times its largest gradient, or (not given) by its
     ``atol`` floor (`block_floor`, on the analytic scale)."""
-    second = _analytic(problem)
+    second = analytic_gradient(problem)
     ev.charge(1)
     finite = np.abs(first[np.isfinite(first)])
     grad_scale = float(finite.max()) if finite.size else 0.0
@@ -315,41 +311,69 @@ def _unrepeatable(
         scale = float(part.max()) if part.size else 0.0
         own = block_floor(tol, scale, grad_scale)
         allowed = own if nondet_tol is None else nondet_tol * scale
-        differ = np.flatnonzero(repeats(a, b, allowed))
-        if not differ.size:
-            continue
-        with np.errstate(invalid="ignore"):
-            gap = np.abs(a - b)
-        order = differ[np.argsort(-np.nan_to_num(gap[differ], nan=np.inf), kind="stable")]
-        worst = tuple(
-            Entry(
-                index=block.index(int(i)),
-                analytic=float(a[i]),
-                numeric=float(b[i]),
-                error=0.0,
-                tolerance=allowed,
-            )
-            for i in order[:MAX_ROWS]
-        )
-        largest = float(np.nanmax(gap[differ])) if np.any(np.isfinite(gap[differ])) else math.inf
-        given = "" if nondet_tol is None else f", nondet_tol={nondet_tol:g}"
-        failed[id(block)] = BlockResult(
-            name=block.name,
-            shape=block.shape,
-            kind=block.kind,
-            checked=block.size,
-            size=block.size,
-            mismatches=int(differ.size),
-            worst=worst,
-            max_abs_diff=largest,
-            max_rel_diff=largest / scale if scale else math.inf,
-            diagnosis=(
-                "the backward is not deterministic: called twice at the same point it gave "
-                f"other values (up to {largest:.2g} apart, {allowed:.2g} allowed{given}); "
-                "the table's 'analytic' is the first pass and 'numeric' the second"
-            ),
-        )
+        result = disagreement(block, a, b, allowed, _not_repeatable(allowed, nondet_tol))
+        if result is not None:
+            failed[id(block)] = result
     return failed
+
+
+def _not_repeatable(allowed: float, nondet_tol: float | None) -> Callable[[float], str]:
+    given = "" if nondet_tol is None else f", nondet_tol={nondet_tol:g}"
+
+    def diagnosis(largest: float) -> str:
+        return (
+            "the backward is not deterministic: called twice at the same point it gave "
+            f"other values (up to {largest:.2g} apart, {allowed:.2g} allowed{given}); "
+            "the table's 'analytic' is the first pass and 'numeric' the second"
+        )
+
+    return diagnosis
+
+
+def disagreement(
+    block: Block,
+    a: np.ndarray,
+    b: np.ndarray,
+    allowed: float,
+    diagnosis: Callable[[float], str],
+) -> BlockResult | None:
+    """Rule 6 of `gradcheck._verdict` on one block: two analytic computations ``a`` and ``b``
+    of the same values (two backward passes; forward and reverse mode; a batched backward
+    and a loop) agree within ``allowed``; where they do not, the failed block (``a`` in the
+    table's 'analytic' column, ``b`` in 'numeric'; ``diagnosis(largest gap)`` says which is
+    which), else None."""
+    differ = np.flatnonzero(repeats(a, b, allowed))
+    if not differ.size:
+        return None
+    with np.errstate(invalid="ignore"):
+        gap = np.abs(a - b)
+    order = differ[np.argsort(-np.nan_to_num(gap[differ], nan=np.inf), kind="stable")]
+    worst = tuple(
+        Entry(
+            index=block.index(int(i)),
+            analytic=float(a[i]),
+            numeric=float(b[i]),
+            error=0.0,
+            tolerance=allowed,
+        )
+        for i in order[:MAX_ROWS]
+    )
+    largest = float(np.nanmax(gap[differ])) if np.any(np.isfinite(gap[differ])) else math.inf
+    finite = np.abs(a[np.isfinite(a)])
+    scale = float(finite.max()) if finite.size else 0.0
+    return BlockResult(
+        name=block.name,
+        shape=block.shape,
+        kind=block.kind,
+        checked=block.size,
+        size=block.size,
+        mismatches=int(differ.size),
+        worst=worst,
+        max_abs_diff=largest,
+        max_rel_diff=largest / scale if scale else math.inf,
+        scale=scale,
+        diagnosis=diagnosis(largest),
+    )
 
 
 def _all_finite(a: np.ndarray) -> bool:
@@ -371,106 +395,3 @@ def _check_start(problem: FlatProblem) -> None:
                 f"`{block.name}` is not finite at the starting point "
                 f"(entry {block.index(i)} is {part[i]}); check at finite values"
             )
-
-
-def check_flat(
-    loss: Callable[[np.ndarray], float] | FlatProblem,
-    gradient: Callable[[np.ndarray], np.ndarray] | None = None,
-    theta0: np.ndarray | Sequence[float] | None = None,
-    *,
-    blocks: Sequence[Block] | None = None,
-    loss_batch: Callable[[np.ndarray], np.ndarray] | None = None,
-    mode: Mode = "auto",
-    seed: int = 0,
-    rtol: float | None = None,
-    atol: float | None = None,
-    max_evals: int | None = None,
-    nondet_tol: float | None = None,
-) -> Report:
-    """Check ``gradient`` against numerical derivatives of ``loss`` at ``theta0``.
-
-    The core on plain functions: ``loss(theta) -> float`` and
-    ``gradient(theta) -> array`` of ``theta``'s shape. ``theta0`` may have any
-    shape; it is checked as one block called ``theta`` unless ``blocks`` name
-    slices of its flattened form. The functions receive read-only arrays (the
-    checker reuses them between calls); copy one to change it.
-
-    ``check_flat(problem)`` checks a `FlatProblem` built by hand (or by an adapter of
-    your own: see "Adding an adapter" in the docs) as it is.
-
-    Example:
-        >>> import numpy as np
-        >>> from gradcheck import check_flat
-        >>> report = check_flat(lambda t: float(np.sum(t**3)), lambda t: 3 * t**2, np.arange(4.0))
-        >>> report.passed
-        True
-        >>> check_flat(lambda t: float(np.sum(t**3)), lambda t: 2 * t**2, np.arange(4.0)).passed
-        False
-    """
-    opts = CheckOptions(
-        mode=mode, seed=seed, rtol=rtol, atol=atol, max_evals=max_evals, nondet_tol=nondet_tol
-    )
-    if isinstance(loss, FlatProblem):
-        given = {"gradient": gradient, "theta0": theta0, "blocks": blocks}
-        extra = [name for name, value in given.items() if value is not None]
-        if extra or loss_batch is not None:
-            raise InvalidOptionError(
-                "check_flat(problem) takes the FlatProblem alone (it holds its own gradient, "
-                f"theta0, blocks and loss_batch); got also {', '.join(extra) or 'loss_batch'}"
-            )
-        return run_check(loss, opts)
-    if gradient is None or theta0 is None:
-        raise InvalidOptionError(
-            "check_flat needs loss, gradient and theta0 (or a FlatProblem alone)"
-        )
-    start = np.asarray(theta0)
-    if start.dtype == object or not (
-        np.issubdtype(start.dtype, np.floating) or np.issubdtype(start.dtype, np.integer)
-    ):
-        raise ShapeMismatchError(f"theta0 must be a real array; got dtype {start.dtype}")
-    shape = start.shape
-    flat0 = start.reshape(-1).astype(np.float64)  # a fresh copy, which the problem keeps
-    flat0.setflags(write=False)
-
-    def flat_loss(theta: np.ndarray) -> float:
-        value = loss(_read_only(theta.reshape(shape)))
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ModelError(f"loss must return a scalar; got {type(value).__name__}") from None
-
-    def flat_gradient(theta: np.ndarray) -> np.ndarray:
-        value = gradient(_read_only(theta.reshape(shape)))
-        if value is None:
-            raise ModelError(f"gradient returned None; expected an array of shape {shape}")
-        grad = np.asarray(value, dtype=np.float64)
-        if grad.shape != shape:
-            raise ShapeMismatchError(f"gradient returned shape {grad.shape}; expected {shape}")
-        return grad.reshape(-1)
-
-    batch = None
-    if loss_batch is not None:
-        user_batch = loss_batch
-
-        def batch(thetas: np.ndarray) -> np.ndarray:
-            return np.asarray(
-                user_batch(_read_only(thetas.reshape((-1, *shape)))), dtype=np.float64
-            )
-
-    layout = tuple(blocks) if blocks is not None else (Block("theta", tuple(shape), 0),)
-    problem = FlatProblem(
-        theta0=flat0,
-        loss=flat_loss,
-        gradient=flat_gradient,
-        blocks=layout,
-        loss_batch=batch,
-        batching="batched" if batch is not None else "loop",
-    )
-    return run_check(problem, opts)
-
-
-def _read_only(view: np.ndarray) -> np.ndarray:
-    """``view`` marked read-only: the checker's points are not the user's to change."""
-    view = view.view()
-    view.flags.writeable = False
-    return view

@@ -143,9 +143,7 @@ class _Line:
         self._scales: list[float] | None = None  # max |g| per block
         #: per drawn direction (`draw`), its (g . v, ||g * v||**2, sum |g * v|) per
         #: block, kept as long as the direction lives (see `sums`)
-        self._known: weakref.WeakValueDictionary[int, np.ndarray] = (
-            weakref.WeakValueDictionary()
-        )
+        self._known: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
         self._block_sums: dict[int, list[tuple[float, float, float]]] = {}
         self._block_index = {id(b): k for k, b in enumerate(self.blocks)}
         self._first_block = {b.offset: k for k, b in reversed(list(enumerate(self.blocks)))}
@@ -335,6 +333,7 @@ class _Line:
             return replace(verdict(math.nan, math.inf, False), unmeasured=True)
         # a direction that agrees is settled by the two values alone, without f(theta0)
         level = max(abs(fp), abs(fm))
+
         def settled(result: _Verdict) -> bool:
             if result.passed:
                 self.allowance = max(self.allowance, result.allowed)

@@ -31,6 +31,7 @@ from ._verdict import agrees, allowance, beside_agrees, block_floor, decide, unr
 #: kink entries per block whose backward is checked on both sides of the kink (2 gradients each)
 KINK_SIDE_CHECKS = 256
 
+
 @dataclass
 class Judged:
     """Full mode's verdict on some entries after refinement (arrays in the order given)."""
@@ -200,9 +201,7 @@ class _FullBlock:
                 judged.ok
                 & ~judged.kink
                 & ~judged.invisible
-                & unresolved_mask(
-                    tol, a[chosen], numeric[chosen], error[chosen], scale, floor
-                )
+                & unresolved_mask(tol, a[chosen], numeric[chosen], error[chosen], scale, floor)
             )
         rest_suspicious = rest[~ok[rest]]
         if rest_suspicious.size:
@@ -425,7 +424,6 @@ def _max_diffs(a: np.ndarray, numeric: np.ndarray) -> tuple[float, float]:
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(numeric != 0, diffs / np.abs(numeric), np.where(diffs > 0, np.inf, 0.0))
     return float(diffs.max()), float(rel.max())
-
 
 
 def full_block(

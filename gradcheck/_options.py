@@ -53,10 +53,12 @@ class Tolerance:
 
 #: The defaults, keyed by the precision the model is evaluated in. Never scaled by array size.
 #: Read-only: a check's ``rtol``/``atol`` override them for that check alone.
-TOLERANCES: Mapping[str, Tolerance] = MappingProxyType({
-    "float64": Tolerance(rtol=1e-6, atol=1e-8, step=2e-5, eps=2.0**-52),
-    "float32": Tolerance(rtol=1e-3, atol=1e-4, step=5e-3, eps=2.0**-23, noise=64.0),
-})
+TOLERANCES: Mapping[str, Tolerance] = MappingProxyType(
+    {
+        "float64": Tolerance(rtol=1e-6, atol=1e-8, step=2e-5, eps=2.0**-52),
+        "float32": Tolerance(rtol=1e-3, atol=1e-4, step=5e-3, eps=2.0**-23, noise=64.0),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class CheckOptions:
     atol: float | None = None
     max_evals: int | None = None
     nondet_tol: float | None = None
+    order: int = 1
+    forward: bool = False
+    batched: bool = False
     max_refine: int = 200
     probes: int = 1
 

@@ -27,7 +27,13 @@ from .errors import (
 BlockKind = Literal["param", "input"]
 Precision = Literal["float64", "float32", "float16", "bfloat16"]
 
-__all__ = ["Block", "FlatProblem", "check_container", "output_projection"]
+__all__ = ["Block", "FlatProblem", "Unavailable", "check_container", "output_projection"]
+
+
+class Unavailable(Exception):
+    """Raised by a contract hook of a `FlatProblem` when this model cannot offer the
+    contract: no forward-mode rule, a backward that cannot be differentiated, no batching
+    rule. The message says why in one line, naming the layer where it can."""
 
 
 @dataclass(frozen=True)
@@ -79,11 +85,40 @@ class FlatProblem:
         notes: lines the report shows as warnings (a fallback taken, ...).
         skipped: names of frozen parameters that were not checked.
         batching: how evaluations ran ("vmap", "loop", "eager", ...), for the report.
+        loss_along: optional ``loss_along(v, steps) -> ndarray``: the loss at
+            ``theta0 + s * v`` for each ``s`` of the 1-D array ``steps`` (``v`` float64 of
+            ``theta``'s length; do not change it), float64 of ``steps``' length. Each point
+            must hold, entry by entry, ``theta0 + (s * v)`` rounded as two float64 operations
+            (the product, then the sum: the bits a row the core writes would hold), and be
+            evaluated through the same path as ``loss_batch`` (or ``loss``), so that its
+            values are comparable with the others'. The core uses it in float64, for
+            directions that move every entry, instead of writing rows and calling
+            ``loss_batch``: an adapter that evaluates on a working vector of its own writes
+            the points there directly (no O(P) rows written and then copied).
         prepare: optional ``prepare(evaluations) -> FlatProblem``, for adapters whose
             evaluations get cheaper after a one-off cost (JAX compiles): the core calls it
             once, before evaluating anything, with the number of loss evaluations it
             expects, and checks the problem it returns; the adapter pays the cost only
             when that many evaluations repay it.
+
+    The contracts beyond the first-order reverse-mode gradient (``order=2``, ``forward=True``,
+    ``batched=True`` of `gradcheck.check_gradients`) need one optional hook each; an adapter
+    leaves a hook None when its models cannot have that contract at all (NumPy), and a hook
+    raises `Unavailable` when this model lacks it (a layer without a forward-mode rule):
+
+        second_order: ``second_order(u) -> FlatProblem``: the problem of the scalar
+            ``u . g(theta)`` (``g`` the model's own gradient, by its backward, as
+            ``gradient`` computes it; ``u`` float64 of ``theta``'s length), whose
+            ``gradient`` differentiates the backward (the Hessian-vector product ``H u``),
+            on the same ``theta0`` and blocks.
+        jvp: ``jvp(theta, V) -> ndarray``: the loss's directional derivatives at ``theta``
+            along each row of the ``(k, P)`` array ``V``, by forward-mode differentiation
+            (the model's forward-mode rules), float64 of length ``k``.
+        gradient_batch: ``gradient_batch(thetas) -> (values, gradients)``: the loss
+            ``(k,)`` and the gradient ``(k, P)`` at each row of a ``(k, P)`` array, float64,
+            in one batched (vmapped) call through the model's batching rules; compared with
+            ``loss`` and ``gradient`` row by row (a batching rule of the forward can change
+            the values and leave the gradients alone, or the other way round).
     """
 
     theta0: np.ndarray
@@ -98,6 +133,10 @@ class FlatProblem:
     skipped: list[str] = field(default_factory=list)
     batching: str = "loop"
     prepare: Callable[[int], FlatProblem] | None = None
+    second_order: Callable[[np.ndarray], FlatProblem] | None = None
+    jvp: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    gradient_batch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None
+    loss_along: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         theta = np.asarray(self.theta0)

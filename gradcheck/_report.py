@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -193,6 +193,16 @@ class Report:
             ``safety`` is then its ``k``, ``precision`` the kernel's).
         reference_check: a reference check only: the report of checking the reference's
             own gradients against finite differences in float64 (None when not run).
+        contract: what this report checked (`CONTRACTS`): ``"first order"`` (the gradient by
+            the backward), ``"second order"`` (``u . g(theta)``'s gradient, by differentiating
+            the backward), ``"forward mode"`` (the forward-mode derivatives),
+            ``"batched backward"`` (the backward under vmap against one point at a time).
+        sections: the reports of the other contracts asked for (``order=2``,
+            ``forward=True``, ``batched=True``), in that order; the check passes when this
+            report and every section pass. Each has the same blocks, format and JSON.
+        not_checked: a section only: why the contract could not be checked on this model (a
+            layer without a forward-mode rule, NumPy models' first order only); such a
+            section has no blocks and does not fail the check.
     """
 
     blocks: tuple[BlockResult, ...]
@@ -213,10 +223,25 @@ class Report:
     numeric: np.ndarray | None = field(default=None, repr=False, compare=False)
     kind: str = "gradients"
     reference_check: Report | None = None
+    contract: str = "first order"
+    sections: tuple[Report, ...] = ()
+    not_checked: str | None = None
 
     @property
     def passed(self) -> bool:
-        return self.problem is None and all(b.passed for b in self.blocks)
+        return (
+            self.problem is None
+            and all(b.passed for b in self.blocks)
+            and all(s.passed for s in self.sections)
+        )
+
+    def section(self, contract: str) -> Report:
+        """The report on ``contract`` (``"first order"`` is this report itself)."""
+        for report in (self, *self.sections):
+            if report.contract == contract:
+                return report
+        names = ", ".join(repr(r.contract) for r in (self, *self.sections))
+        raise KeyError(f"no section {contract!r}; this report has {names}")
 
     @property
     def failed_blocks(self) -> tuple[BlockResult, ...]:
@@ -276,11 +301,16 @@ class Report:
             "skipped": list(self.skipped),
             "problem": self.problem,
             "blocks": [b.to_dict() for b in self.blocks],
+            "contract": self.contract,
+            "not_checked": self.not_checked,
+            "sections": [s.to_dict() for s in self.sections],
         }
 
     def __str__(self) -> str:
         if self.kind == "reference":
             return render_reference(self)
+        if self.sections:
+            return render_sections(self)
         return render(self)
 
 
@@ -315,6 +345,18 @@ def _blocks(n: int, all_: str = "") -> str:
     return "the only block" if n == 1 and all_ else f"{all_}{n} block{'s' if n != 1 else ''}"
 
 
+#: The contracts a check can cover, in the order of a report's sections.
+CONTRACTS = ("first order", "second order", "forward mode", "batched backward")
+
+#: What a section's first line calls its values, and its check.
+_WORDS = {
+    "first order": ("gradients", "gradient check"),
+    "second order": ("second derivatives (H u)", "second-order check"),
+    "forward mode": ("forward-mode derivatives", "forward-mode check"),
+    "batched backward": ("batched gradients", "batched-backward check"),
+}
+
+
 def _header(report: Report) -> list[str]:
     if report.mode == "fast":
         k = report.directions_checked
@@ -335,20 +377,29 @@ def _header(report: Report) -> list[str]:
     def where(k: int) -> str:
         return "the only block" if n == 1 else f"{k} of {_blocks(n)}"
 
+    what, check = _WORDS[report.contract]
     if report.problem is not None:
-        first = f"gradient check inconclusive: {report.problem} ({summary})"
+        first = f"{check} inconclusive: {report.problem} ({summary})"
     elif report.passed:
-        first = f"gradients agree in {_blocks(n, 'all ')} ({summary})"
+        first = f"{what} agree in {_blocks(n, 'all ')} ({summary})"
     elif wrong:
-        first = f"gradients disagree in {where(len(wrong))} ({summary})"
+        first = f"{what} disagree in {where(len(wrong))} ({summary})"
         if vague:
             first += f"; {len(vague)} more not verified"
     else:
-        first = (
-            f"gradient check inconclusive: {where(len(vague))} could not be verified "
-            f"({summary})"
+        first = f"{check} inconclusive: {where(len(vague))} could not be verified ({summary})"
+    if report.contract == "batched backward":
+        formula = (
+            "test: the gradients at several points in one vmapped call equal those at each "
+            "point alone, within atol*scale + round-off"
         )
-    if report.mode == "fast":
+    elif report.contract == "forward mode" and report.mode == "fast":
+        formula = (
+            "test per block: the JVP along a random direction equals reverse mode's <g, v> "
+            f"within round-off, or else finite differences within {report.safety:g}*estimated "
+            "error + rtol*(one typical entry's share)"
+        )
+    elif report.mode == "fast":
         formula = (
             f"test per random direction: |analytic - numeric| <= {report.safety:g}*estimated error"
             " + rtol*(one typical entry's share)"
@@ -443,6 +494,33 @@ def render(report: Report) -> str:
         lines.append(f"skipped (frozen or not checkable): {names}")
     for w in (*report.warnings, *notes):
         lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def _verdict_word(report: Report) -> str:
+    if report.not_checked is not None:
+        return "not checked"
+    if report.problem is None and all(b.passed for b in report.blocks):
+        return "passed"
+    if report.problem is not None or any(b.mismatches for b in report.blocks):
+        return "FAILED"
+    return "inconclusive"
+
+
+def render_sections(report: Report) -> str:
+    """A report with sections: one line per contract, then each contract's report."""
+    parts = (report, *report.sections)
+    verdict = "passed" if report.passed else "FAILED"
+    lines = [
+        f"gradient check {verdict}: " + "; ".join(f"{r.contract} {_verdict_word(r)}" for r in parts)
+    ]
+    for r in parts:
+        lines.append("")
+        lines.append(f"== {r.contract} ==")
+        if r.not_checked is not None:
+            lines.append(f"not checked: {r.not_checked}")
+            continue
+        lines.append(render(replace(r, sections=())))
     return "\n".join(lines)
 
 

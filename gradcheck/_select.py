@@ -81,15 +81,29 @@ def _restricted(problem: FlatProblem, chosen: Sequence[Block], wrt: object) -> F
     def gather(full: np.ndarray) -> np.ndarray:
         return np.concatenate([np.asarray(full, dtype=np.float64)[old] for old, _ in parts])
 
+    def embed_rows(thetas: np.ndarray, base: np.ndarray) -> np.ndarray:
+        rows = np.repeat(base[None, :], thetas.shape[0], axis=0)
+        for old, new in parts:
+            rows[:, old] = thetas[:, new]
+        return rows
+
     theta0 = _memory.freeze(gather(full0))
     batch = problem.loss_batch
 
     def loss_batch(thetas: np.ndarray) -> np.ndarray:
         assert batch is not None
-        rows = np.repeat(full0[None, :], thetas.shape[0], axis=0)
-        for old, new in parts:
-            rows[:, old] = thetas[:, new]
-        return batch(rows)
+        return batch(embed_rows(thetas, full0))
+
+    def scatter(u: np.ndarray) -> np.ndarray:  # a vector of the chosen blocks, 0 elsewhere
+        return embed_rows(np.asarray(u)[None, :], np.zeros_like(full0))[0]
+
+    second, jvp, gradient_batch = problem.second_order, problem.jvp, problem.gradient_batch
+    along = problem.loss_along
+
+    def batched(thetas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        assert gradient_batch is not None
+        values, gradients = gradient_batch(embed_rows(thetas, full0))
+        return values, np.stack([gather(g) for g in gradients])
 
     prepare = problem.prepare
     left_out = ", ".join(f"`{b.name}`" for b in problem.blocks if b not in chosen)
@@ -102,4 +116,13 @@ def _restricted(problem: FlatProblem, chosen: Sequence[Block], wrt: object) -> F
         loss_batch=loss_batch if batch is not None else None,
         notes=[*problem.notes, f"not checked (wrt={wrt!r}): {left_out}"],
         prepare=(lambda n: _restricted(prepare(n), chosen, wrt)) if prepare else None,
+        second_order=(lambda u: _restricted(second(scatter(u)), chosen, wrt)) if second else None,
+        jvp=(
+            (lambda theta, v: jvp(embed(theta), embed_rows(v, np.zeros_like(full0))))
+            if jvp
+            else None
+        ),
+        gradient_batch=batched if gradient_batch else None,
+        # the blocks left out move by s * 0: they keep their bits, as `embed` keeps them
+        loss_along=(lambda v, steps: along(scatter(v), steps)) if along else None,
     )

@@ -256,7 +256,7 @@ def test_json_format_reports_an_import_error(
 
 def test_options_reach_the_check(cases: Path, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--mode", "fast", "--seed", "3", "--wrt", "params", "--rtol", "1e-5", "--atol=1e-7"]
-    argv += ["--nondet-tol", "0"]
+    argv += ["--nondet-tol", "0", "--order", "2", "--forward", "yes", "--batched", "no"]
     status, out, _ = run(["check", f"{cases}::good_with_loss", *argv, "--format=json"], capsys)
     assert status == 0
     document = json.loads(out)
@@ -268,8 +268,12 @@ def test_options_reach_the_check(cases: Path, capsys: pytest.CaptureFixture[str]
         "atol": 1e-7,
         "max_evals": None,
         "nondet_tol": 0.0,
+        "order": 2,
+        "forward": True,
+        "batched": False,
     }
     report: dict[str, Any] = document["cases"][0]["report"]
+    assert [s["contract"] for s in report["sections"]] == ["second order", "forward mode"]
     assert (report["mode"], report["seed"], report["rtol"], report["atol"]) == (
         "fast",
         3,

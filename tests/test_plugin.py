@@ -228,7 +228,7 @@ def test_unknown_marker_keyword_errors(pytester: pytest.Pytester) -> None:
         [
             "*ERROR at setup of test_typo*",
             "@pytest.mark.gradcheck got unknown keyword 'mdoe'; "
-            "allowed: mode, seed, rtol, atol, max_evals, nondet_tol, wrt",
+            "allowed: mode, seed, rtol, atol, max_evals, nondet_tol, order, forward, batched, wrt",
         ]
     )
     result.stdout.fnmatch_lines(
@@ -311,6 +311,7 @@ def test_ini_keys_and_command_line_options(pytester: pytest.Pytester) -> None:
         gradcheck_rtol = "1e-5"
         gradcheck_atol = 1e-7
         gradcheck_max_evals = 1000
+        gradcheck_forward = "yes"
         gradcheck_report = "reports/gradcheck.json"
         """
     )
@@ -320,17 +321,18 @@ def test_ini_keys_and_command_line_options(pytester: pytest.Pytester) -> None:
         def test_settings(gradcheck):
             assert gradcheck.settings() == {
                 "mode": "fast", "seed": 0, "rtol": 1e-5, "atol": 1e-7, "max_evals": 1000,
-                "nondet_tol": None,
+                "nondet_tol": None, "order": 1, "forward": True, "batched": False,
             }
             report = gradcheck(GOOD, X, Y)
             assert (report.mode, report.rtol, report.atol) == ("fast", 1e-5, 1e-7)
+            assert report.section("forward mode").not_checked  # a NumPy model: first order only
 
         def test_settings_cmdline(gradcheck, request):
             if request.config.getoption("gradcheck_mode") is None:
                 pytest.skip("only with the command-line options")
             assert gradcheck.settings() == {
                 "mode": "full", "seed": 3, "rtol": 0.5, "atol": 1e-7, "max_evals": 1000,
-                "nondet_tol": None,
+                "nondet_tol": None, "order": 2, "forward": True, "batched": False,
             }
         """,
     )
@@ -338,13 +340,19 @@ def test_ini_keys_and_command_line_options(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1, skipped=1)
     assert (pytester.path / "reports" / "gradcheck.json").is_file()
     result = pytester.runpytest(
-        *ISOLATE, "-v", "--gradcheck-mode=full", "--gradcheck-seed", "3", "--gradcheck-rtol=0.5"
+        *ISOLATE,
+        "-v",
+        "--gradcheck-mode=full",
+        "--gradcheck-seed",
+        "3",
+        "--gradcheck-rtol=0.5",
+        "--gradcheck-order=2",
     )
     result.assert_outcomes(passed=1, failed=1)  # test_settings now sees the command line
     result.stdout.fnmatch_lines(
         [
             "gradcheck: mode=full, seed=3, rtol=0.5, atol=1e-07, max_evals=1000, "
-            "nondet_tol=None; report: *"
+            "nondet_tol=None, order=2, forward=True, batched=False; report: *"
             "gradcheck.json"
         ]
     )
@@ -353,8 +361,14 @@ def test_ini_keys_and_command_line_options(pytester: pytest.Pytester) -> None:
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("ini", "*ini key gradcheck_mode: mode must be one of 'auto', 'full', 'fast'; got 'fastest'*"),
-        ("cmdline", "*--gradcheck-mode: mode must be one of 'auto', 'full', 'fast'; got 'fastest'*"),
+        (
+            "ini",
+            "*ini key gradcheck_mode: mode must be one of 'auto', 'full', 'fast'; got 'fastest'*",
+        ),
+        (
+            "cmdline",
+            "*--gradcheck-mode: mode must be one of 'auto', 'full', 'fast'; got 'fastest'*",
+        ),
     ],
     ids=["ini", "cmdline"],
 )
