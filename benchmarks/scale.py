@@ -381,9 +381,7 @@ def main() -> None:
         help="layer widths of one MLP, e.g. 32,981,981,4 (instead of --sizes)",
     )
     args = parser.parse_args()
-    shapes: list[tuple[float, list[int] | None]] = [
-        (float(p), None) for p in args.sizes.split(",")
-    ]
+    shapes: list[tuple[float, list[int] | None]] = [(float(p), None) for p in args.sizes.split(",")]
     if args.widths:
         shapes = [(0.0, [int(w) for w in args.widths.split(",")])]
     for framework in args.frameworks.split(","):

@@ -123,7 +123,9 @@ class Evaluator:
         """The loss at ``theta0 + s * direction`` for every ``s`` in ``steps``.
 
         ``support`` (a slice or index array) names the entries where ``direction``
-        is nonzero, if known: only those are touched (O(support) work per row).
+        is nonzero, if known: only those are touched (O(support) work per row). Where
+        every entry moves, in float64, a problem's ``loss_along`` evaluates the points
+        itself (written where its adapter evaluates them, with the same bits).
         """
         n = len(steps)
         self.charge(n)
@@ -131,6 +133,12 @@ class Evaluator:
         size = self.theta0.size
         where: Support = slice(None) if support is None else support
         whole = isinstance(where, slice) and where.indices(size) == (0, size, 1)
+        line = self.problem.loss_along
+        if whole and self._round is np.float64 and line is not None:
+            # the adapter writes each point into its own working vector (no rows here)
+            values = np.asarray(line(direction, np.asarray(steps, dtype=np.float64)))
+            out[:] = values.astype(np.float64, copy=False).reshape(-1)
+            return out
         part_of = direction[where]
         base = self.theta0[where]
         width = self.chunk if self.problem.loss_batch is not None else 1
