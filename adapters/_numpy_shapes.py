@@ -191,21 +191,6 @@ def argument_names(fn: Callable[..., Any], count: int) -> list[str]:
     return names
 
 
-def spreads(fn: Callable[..., Any], count: int) -> bool:
-    """Whether a tuple of ``count`` inputs goes to ``fn`` as positional arguments: when ``fn``
-    takes ``*args`` or more than one required positional parameter (``forward(Q, K, V)``);
-    ``forward(x)`` and ``forward(X, retain_derived=True)`` get the tuple as their one input."""
-    try:
-        parameters = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
-        return True
-    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    required = [p for p in parameters if p.kind in positional and p.default is p.empty]
-    return len(required) > 1 and count > 0
-
-
 # ---------------------------------------------------------------------------- messages
 def describe(fn: Any) -> str:
     while isinstance(fn, functools.partial):

@@ -95,6 +95,7 @@ import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from gradcheck import _memory
+from gradcheck._calls import call, call_style
 from gradcheck._losses import canonical_loss_name, implementation, missing_target, nothing_to_check
 from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
 from gradcheck._select import check_category
@@ -250,7 +251,16 @@ class _Spec:
 
 
 def _call(model: Any, x: Any) -> Any:
-    return model(x)
+    return call(model, call_style(model, x), x)
+
+
+def _pair_forward(fn: Callable[..., Any]) -> Callable[[Any, Any], Any]:
+    """``apply_fn(params, x)``, ``x`` passed by the one rule of every adapter."""
+
+    def forward(params: Any, x: Any) -> Any:
+        return call(fn, call_style(fn, x, skip=1), x, params)
+
+    return forward
 
 
 def _spec_for(model: Any) -> _Spec:
@@ -259,7 +269,9 @@ def _spec_for(model: Any) -> _Spec:
         linen = _linen_owner(fn)
         if linen is not None:
             return _linen_spec(linen, params, None)
-        return _Spec(tree=params, forward=fn, style="dict", form="(apply_fn, params) pair")
+        return _Spec(
+            tree=params, forward=_pair_forward(fn), style="dict", form="(apply_fn, params) pair"
+        )
     if _is_linen_triple(model):
         return _linen_spec(_linen_owner(model[0]), model[1], model[2])
     if _is_nnx(model):
@@ -281,16 +293,11 @@ def _spec_for(model: Any) -> _Spec:
 
 
 def _plain_spec(fn: Callable[..., Any]) -> _Spec:
-    """A function of JAX arrays: no parameters; called as ``f(x)``, ``f(*x)``, ``f(**x)``."""
+    """A function of JAX arrays: no parameters; called as ``f(x)``, ``f(*x)`` or ``f(**x)``
+    (`gradcheck._calls`)."""
 
     def forward(params: Any, x: Any) -> Any:
-        if x is None:
-            return fn()
-        if isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
-            return fn(*x)
-        if isinstance(x, Mapping):
-            return fn(**x)
-        return fn(x)
+        return call(fn, call_style(fn, x), x)
 
     return _Spec(tree=None, forward=forward, style="dict", form="function", has_params=False)
 
@@ -307,11 +314,13 @@ def _linen_spec(module: Any, variables: Any, rngs: Mapping[str, Any] | None) -> 
     from flax import errors as flax_errors
 
     def forward(tree: Any, x: Any) -> Any:
+        style = call_style(module.__call__, x)
         try:
             if others:  # batch_stats etc.: updates of a training-mode call are discarded
-                out, _ = module.apply(tree, x, mutable=others, rngs=keys)
+                apply = functools.partial(module.apply, mutable=others, rngs=keys)
+                out, _ = call(apply, style, x, tree)
                 return out
-            return module.apply(tree, x, rngs=keys)
+            return call(functools.partial(module.apply, rngs=keys), style, x, tree)
         except flax_errors.InvalidRngError as exc:
             found = re.search(r'PRNG for "(\w+)"', str(exc))
             stream = found.group(1) if found else "dropout"
@@ -339,7 +348,7 @@ def _nnx_spec(model: Any) -> _Spec:
         # fresh Variables in every evaluation (and trace): rng counters and batch statistics
         # start from the user's state every time, and the user's module is never written
         fresh = jax.tree_util.tree_map(lambda leaf: leaf, rest)
-        return nnx.merge(graphdef, tree, fresh)(x)
+        return _call(nnx.merge(graphdef, tree, fresh), x)
 
     return _Spec(
         tree=params, forward=forward, style="attr", form="Flax NNX module", strip_value=True
@@ -699,6 +708,8 @@ def _reject_one_shot(items: Sequence[tuple[Any, Any]], what: str) -> None:
 
 
 def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> FlatProblem:
+    from . import _jax_contracts as _contracts  # the contract hooks
+
     notes = list(spec.notes)
     if not spec.has_params and wrt == "params":
         raise NothingToCheckError(
@@ -802,11 +813,12 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
             f"({type(exc).__name__}); evaluated eagerly, one point at a time"
         )
         grad_of_parts = jax.grad(of_parts)
-        return problem(
+        untraceable = problem(
             loss=_flat_loss(of_parts, device_parts),
             gradient=_flat_gradient(grad_of_parts, of_parts, device_parts),
             batching="loop",
         )
+        return _contracts.attach(untraceable, of_parts, split, _scope, traceable=False)
     except GradcheckInputError:
         raise
     except Exception as exc:
@@ -832,7 +844,11 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
         ),
         precision=precision,
         batching=programs.batching,
+        loss_along=_flat_loss_along(programs.loss, theta0, placements),
     )
+    # the contract hooks (second order, forward mode, batched gradients): lazy; `_compiled`
+    # copies them onto the compiled problem
+    _contracts.attach(eager, of_parts, split, _scope, memory=programs.facts.memory)
     threshold = COMPILE_FROM_LOOPS if programs.facts.loops else COMPILE_FROM
 
     def prepare(evaluations: int) -> FlatProblem:
@@ -1012,6 +1028,57 @@ def _flat_loss(
     return loss
 
 
+def _flat_loss_along(
+    fn: Callable[[Parts], Any],
+    theta0: np.ndarray,
+    placements: Sequence[tuple[Any, Any, int, int, tuple[int, ...]]],
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``fn(blocks) -> loss`` at ``theta0 + s * v`` for each ``s`` (`FlatProblem.loss_along`),
+    as `_flat_loss` evaluates a flat vector: each block is written as ``theta0 + (s * v)``
+    straight into memory JAX takes without a copy (no row of the core's, no copy of a
+    block that does not start on a 64-byte boundary), one set of blocks for every step."""
+
+    def loss_along(direction: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        direction = np.asarray(direction, dtype=np.float64)
+        blocks = [_aligned_empty(shape) for *_, shape in placements]
+        values = np.empty(len(steps), dtype=np.float64)
+        with _scope():
+            for k, s in enumerate(np.asarray(steps, dtype=np.float64)):
+                for block, (_, _, offset, size, _) in zip(blocks, placements, strict=True):
+                    flat = block.reshape(-1)
+                    np.multiply(direction[offset : offset + size], s, out=flat)
+                    np.add(theta0[offset : offset + size], flat, out=flat)
+                parts = jax.device_put(blocks)
+                try:
+                    values[k] = float(fn(parts))
+                except GradcheckInputError:
+                    raise
+                except Exception as exc:
+                    raise ModelError(
+                        f"the model raised while JAX evaluated its loss: {_describe(exc)}"
+                    ) from exc
+                del parts  # (evaluated: nothing reads these blocks before they are rewritten)
+        return values
+
+    return loss_along
+
+
+#: JAX on CPU takes a NumPy array's memory as it is (no copy) only where it starts on a
+#: boundary of this many bytes; a block of the flat vector at any other offset is copied
+#: (a millisecond for 5 MB here)
+_ALIGN = 64
+
+
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """An uninitialised float64 array of ``shape`` starting on an `_ALIGN` boundary."""
+    count = math.prod(shape)
+    if count * 8 >= _memory.HUGE_PAGE:
+        return _memory.empty(shape)  # (on a huge-page boundary)
+    raw = np.empty(count * 8 + _ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + count * 8].view(np.float64).reshape(shape)
+
+
 def _flat_gradient(
     fn: Callable[[Parts], Sequence[Any]],
     forward: Callable[[Parts], Any],
@@ -1104,6 +1171,7 @@ def _compiled(
         notes=notes,
         batching="loop" if loss_batch is None else "vmap",
         prepare=None,
+        loss_along=None,  # (the op-by-op loss's: the compiled one evaluates every point)
     )
 
 

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from gradcheck import _memory
+from gradcheck._calls import call, call_style
 from gradcheck._errors import first_line
 from gradcheck._losses import missing_target, nothing_to_check, numpy_loss
 from gradcheck._problem import Block, BlockKind, FlatProblem, block_layout, output_projection
@@ -293,10 +294,11 @@ def _as_array(value: Any, arrays_only: bool) -> np.ndarray | None:
 class _Inputs(_Arguments):
     """An object model's input ``x``: one array, a tuple/list of arrays or a dict of arrays.
 
-    A tuple (or a list of arrays) is spread over ``forward``'s positional parameters when
-    ``forward`` takes more than one required positional parameter or ``*args``
-    (``forward(Q, K, V)``), as a torch model receives it; otherwise ``forward`` gets the
-    container as its one input (``forward(x)`` unpacking it itself). A dict is one input.
+    ``forward`` receives it by the one rule of every adapter (`gradcheck._calls`): a tuple
+    (or a list of arrays) is spread over ``forward``'s positional parameters when it requires
+    more than one or takes ``*args`` (``forward(Q, K, V)``), else it is the one input
+    (``forward(x)`` unpacking it itself, numpy-ml's ``forward(X, retain_derived=True)``); a
+    dict is keyword arguments when its keys name ``forward``'s parameters, else one input.
     """
 
     def __init__(self, x: Any, forward: Callable[..., Any]) -> None:
@@ -311,25 +313,25 @@ class _Inputs(_Arguments):
         elif x is not None:
             items = [(None, x)]
         self.keys = [k for k, _ in items]
-        self.spread = self.kind in ("tuple", "list") and shapes.spreads(forward, len(items))
+        self.style = call_style(forward, x)
         names = ["input" if self.kind == "array" else f"input[{key!r}]" for key, _ in items]
         super().__init__(
             [(name, "input", value) for name, (_, value) in zip(names, items, strict=True)],
             arrays_only=False,
         )
 
-    def call(self, values: list[Any]) -> tuple[Any, ...]:
-        """The positional arguments of ``forward`` for one evaluation."""
+    def call(self, forward: Callable[..., Any], values: list[Any]) -> Any:
+        """``forward`` on the input for one evaluation (fresh copies of the arrays)."""
         values = self.fresh(values)
         if self.kind == "none":
-            return (None,)
-        if self.kind == "array":
-            return (values[0],)
-        if self.kind == "dict":
-            return (dict(zip(self.keys, values, strict=True)),)
-        if self.spread:
-            return tuple(values)
-        return (tuple(values) if self.kind == "tuple" else list(values),)
+            x: Any = None
+        elif self.kind == "array":
+            x = values[0]
+        elif self.kind == "dict":
+            x = dict(zip(self.keys, values, strict=True))
+        else:
+            x = tuple(values) if self.kind == "tuple" else list(values)
+        return _call("forward", call, forward, self.style, x)
 
     def gradient(self, dx: Any, pos: int) -> Any:
         """The part of ``backward``'s return value that belongs to input ``pos``."""
@@ -424,13 +426,13 @@ class _Object:
             _call("flush_gradients", self.flush)
 
     def loss(self, args: list[Any]) -> float:
-        value = self.output.loss(_call("forward", self.forward, *self.inputs.call(args)))
+        value = self.output.loss(self.inputs.call(self.forward, args))
         if callable(self.regularization):
             value += float(self.regularization())
         return value
 
     def gradients(self, args: list[Any], blocks: list[Block]) -> Gradients:
-        dout = self.output.dout(_call("forward", self.forward, *self.inputs.call(args)))
+        dout = self.output.dout(self.inputs.call(self.forward, args))
         names = self.names
         grads = getattr(self.work, names.grads, None)
         if isinstance(grads, dict):  # a backward that adds to its gradients starts at zero

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import re
 import threading
@@ -53,6 +54,7 @@ import torch
 from torch import nn
 
 from gradcheck import _memory
+from gradcheck._calls import call, call_style
 from gradcheck._errors import first_line
 from gradcheck._losses import (
     CLASS_LOSSES,
@@ -81,6 +83,8 @@ MAX_LOOP_BATCH = 1024
 # The fewest loss evaluations a check must expect before the batching choice (vmap or a
 # loop: about five evaluations to make) is made; a fast check (two) runs a loop.
 VMAP_FROM = 4
+# Entries per piece where `_Evaluator.values_along` writes a point (the piece stays in cache).
+_ALONG_PIECE = 1 << 15
 
 _PRECISIONS: dict[torch.dtype, Precision] = {
     torch.float64: "float64",
@@ -406,13 +410,8 @@ class _Spec:
         self.loss = loss
         self.device = self._device(x)
         self.y = _map_tensors(self._as_tensor(y, self._model_dtype()), _own)
-        self.style = "single"
-        if x is None:
-            self.style = "none"
-        elif isinstance(x, (tuple, list)) and not hasattr(x, "_fields"):
-            self.style = "args"
-        elif isinstance(x, Mapping):
-            self.style = "kwargs"
+        # the one rule of every adapter (gradcheck._calls); a module by its forward's signature
+        self.style = call_style(self.module.forward if self.module is not None else model, x)
         self.leaves: list[tuple[str, Any]] = []
         self.rebuild = _flatten(x, "input", self.leaves) if x is not None else None
         model_dtype = self._model_dtype()
@@ -450,12 +449,7 @@ class _Spec:
     def call(self, fn: Callable[..., Any], leaves: Sequence[Any]) -> Any:
         if self.rebuild is None:
             return fn()
-        x = self.rebuild(iter(leaves))
-        if self.style == "args":
-            return fn(*x)
-        if self.style == "kwargs":
-            return fn(**x)
-        return fn(x)
+        return call(fn, self.style, self.rebuild(iter(leaves)))
 
 
 def _is_lazy(t: torch.Tensor) -> bool:
@@ -770,9 +764,15 @@ class _Evaluator:
             arr = arr.copy()
         return torch.from_numpy(arr).to(device=self.spec.device, dtype=self.dtype)
 
+    #: whether anything was loaded into (or evaluated on) ``work`` yet: until then it holds
+    #: theta0, as the constructor filled it, and loading theta0 copies nothing
+    _loaded = False
+
     def _load(self, row: torch.Tensor | None) -> None:
         """Set the copy's checked parameters to ``row`` (if given); reset buffers and the RNG."""
-        if row is not None:
+        pristine = not self._loaded and row is self._theta0_row
+        self._loaded = True
+        if row is not None and not pristine:  # (the first load of theta0: O(P) saved)
             with torch.no_grad():
                 self.work.copy_(row)
         self._restore_buffers()
@@ -783,11 +783,44 @@ class _Evaluator:
         """Loss at every row, one row at a time."""
         with _normal_mode(False):
             rows = self._rows(np.atleast_2d(thetas))
+        return self._each([functools.partial(self._load, row) for row in rows])
+
+    def values_along(self, direction: np.ndarray, steps: np.ndarray) -> torch.Tensor:
+        """Loss at ``theta0 + s * direction`` for every ``s`` in ``steps``, one at a time, as
+        `values_loop` evaluates rows (`FlatProblem.loss_along`).
+
+        On a float64 working vector in CPU memory, each point is written straight into it,
+        a cache-sized piece at a time, as ``theta0 + (s * direction)`` (the bits a row of
+        the core's would hold): no row of P entries is written and then copied."""
+        direction = np.asarray(direction, dtype=np.float64)
+        theta0, size = self.theta0, self.size
+        if self.work.device.type != "cpu" or self.dtype != torch.float64:
+            rows = np.empty((len(steps), size))
+            for row, s in zip(rows, steps, strict=True):
+                np.multiply(direction, s, out=row)
+                np.add(theta0, row, out=row)
+            return self.values_loop(rows)
+        target = self.work.numpy()  # (shares its memory: written in place)
+        shift = np.empty(min(_ALONG_PIECE, size))
+
+        def write(s: float) -> None:
+            self._load(None)  # buffers and RNG
+            for lo in range(0, size, _ALONG_PIECE):
+                hi = min(lo + _ALONG_PIECE, size)
+                np.multiply(direction[lo:hi], s, out=shift[: hi - lo])
+                np.add(theta0[lo:hi], shift[: hi - lo], out=target[lo:hi])
+            # (what a copy_ would record: the parameters, views of ``work``, were modified)
+            torch.autograd.graph.increment_version(self.work)
+
+        return self._each([functools.partial(write, float(s)) for s in steps])
+
+    def _each(self, loads: Sequence[Callable[[], None]]) -> torch.Tensor:
+        """The loss after each of ``loads`` (each sets the working vector, buffers, RNG)."""
 
         def body() -> torch.Tensor:
             values = []
-            for row in rows:
-                self._load(row)
+            for load in loads:
+                load()
                 leaves = self._leaves([_fresh(v) for v in self.input_views])
                 values.append(self._objective(leaves, grad=False))
             return torch.stack(values)
@@ -1091,8 +1124,12 @@ def _build(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fla
         notes=notes,
         skipped=ev.skipped,
         batching="loop",
+        loss_along=_along(ev),
     )
     looped.prepare = _LazyBatching(ev, loss0, looped).prepare
+    from gradcheck.adapters._torch_contracts import attach  # it imports this module
+
+    attach(looped, ev)  # second_order, jvp, gradient_batch
     return looped
 
 
@@ -1109,6 +1146,21 @@ def _batched(ev: _Evaluator, batching: str, max_batch: int) -> Callable[[np.ndar
         return np.concatenate(chunks) if chunks else np.zeros(0)
 
     return loss_batch
+
+
+def _along(ev: _Evaluator) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """``FlatProblem.loss_along`` of a problem whose rows run one at a time (`values_loop`:
+    the same path), with the user's errors raised as `_during_check` raises them. Not for
+    a vmapped problem: its points must be evaluated as its rows are."""
+
+    def loss_along(direction: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        try:
+            values = ev.values_along(direction, np.asarray(steps, dtype=np.float64))
+        except _Raised as exc:
+            raise exc.model_error("during the check") from exc.exc
+        return values.detach().to("cpu", torch.float64).numpy()
+
+    return loss_along
 
 
 class _LazyBatching:
@@ -1152,6 +1204,8 @@ class _LazyBatching:
             notes=notes,
             batching=batching,
             prepare=None,
+            # a vmapped problem evaluates every point itself (one path per check)
+            loss_along=None if batching == "vmap" else looped.loss_along,
         )
 
 

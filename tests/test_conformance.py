@@ -820,3 +820,117 @@ def test_the_contract_page_names_a_conformance_test_for_a_rule_only_if_it_exists
         }
     )
     assert not left_out, f"the page does not say which rule these check: {sorted(left_out)}"
+
+
+# ------------------------------------------------------------------------- several inputs
+class _Received(Exception):
+    """Raised by a recording model once it has seen its arguments (no check needed)."""
+
+
+def _shape_of(value) -> object:
+    """What a model received, as a comparable outline: ``"array"``, a tuple or dict of outlines."""
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return tuple(_shape_of(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _shape_of(v) for k, v in value.items()}
+    return "array" if hasattr(value, "shape") else type(value).__name__
+
+
+def _recording(framework: str, signature: str, seen: dict):
+    """A model of ``framework`` whose call has ``signature`` (after ``self``/``params``): it
+    records the outline of what it received in ``seen`` and raises `_Received`."""
+    lead = {"numpy": "self, ", "jax_pair": "params, "}.get(framework, "")
+    namespace: dict = {"seen": seen, "_Received": _Received, "_shape_of": _shape_of}
+    exec(  # a signature written out in the parametrisation below, nothing from outside
+        f"def call({lead}{signature}):\n"
+        "    got = dict(locals())\n"
+        "    got.pop('self', None); got.pop('params', None)\n"
+        "    seen.update({k: _shape_of(v) for k, v in got.items()})\n"
+        "    raise _Received\n",
+        namespace,
+    )
+    call = namespace["call"]
+    if framework == "numpy":
+        model = type("Recording", (), {"forward": call, "backward": lambda self, dout: dout})()
+        model.params = {"w": np.ones(2)}
+        model.grads = {"w": np.zeros(2)}
+        return model
+    if framework == "jax_pair":
+        import jax.numpy as jnp
+
+        return (call, {"w": jnp.ones(2)})
+    return call
+
+
+def _as_arrays(framework: str, x):
+    if framework == "torch":
+        import torch
+
+        convert = torch.from_numpy
+    elif framework.startswith("jax"):
+        import jax.numpy as jnp
+
+        convert = jnp.asarray
+    else:
+        return x
+    if isinstance(x, tuple):
+        return tuple(convert(v) for v in x)
+    if isinstance(x, dict):
+        return {k: convert(v) for k, v in x.items()}
+    return convert(x)
+
+
+_A, _B = np.arange(3.0), np.arange(2.0)
+
+
+@pytest.mark.parametrize("framework", [*FRAMEWORKS, "jax_pair"])
+@pytest.mark.parametrize(
+    "signature, x, received",
+    [
+        ("a, b", (_A, _B), {"a": "array", "b": "array"}),
+        ("inputs", (_A, _B), {"inputs": ("array", "array")}),
+        ("x, mask=None", (_A, _B), {"x": ("array", "array"), "mask": None}),
+        ("x, mask=None", {"x": _A, "mask": _B}, {"x": "array", "mask": "array"}),
+        ("batch", {"p": _A, "q": _B}, {"batch": {"p": "array", "q": "array"}}),
+        ("inputs", (_A,), {"inputs": "array"}),
+        ("*xs", (_A, _B), {"xs": ("array", "array")}),
+    ],
+    ids=[
+        "spread",
+        "one-container",
+        "optional-not-filled",
+        "dict-keywords",
+        "dict-one",
+        "one-tuple",
+        "varargs",
+    ],
+)
+def test_several_inputs_reach_every_adapters_model_by_one_rule(framework, signature, x, received):
+    """Oracle: the rule as written in `gradcheck._calls` and on every framework page (a tuple
+    spreads when the call requires several positional arguments or takes ``*args``; a dict is
+    keywords when its keys name parameters; a 1-tuple always spreads), applied to a model that
+    records what it receives: the same outline in every adapter."""
+    _need("jax" if framework == "jax_pair" else framework)
+    seen: dict = {}
+    model = _recording(framework, signature, seen)
+    with pytest.raises(ModelError):
+        check_gradients(model, _as_arrays(framework, x))
+    assert seen == received
+
+
+@pytest.mark.parametrize("framework", ["jax_pair", "numpy"])  # plain functions need an x
+@pytest.mark.parametrize(
+    "signature, received", [("x", {"x": None}), ("x=1", {"x": "int"}), ("", {})]
+)
+def test_no_input_reaches_the_model_as_none_only_where_it_needs_an_argument(
+    framework, signature, received
+):
+    """Oracle: the rule for ``x=None`` (`gradcheck._calls`): a call that requires a positional
+    parameter gets ``None``; any other gets no argument (its defaults stand)."""
+    _need("jax" if framework == "jax_pair" else framework)
+    seen: dict = {}
+    with pytest.raises(ModelError):
+        check_gradients(_recording(framework, signature, seen), None)
+    assert seen == received

@@ -12,10 +12,17 @@ Every function runs as one model with three copies of its input (three blocks pe
 The three copies touch disjoint outputs, so each block's verdict is that of its variant
 alone; sharing one model per function keeps the compile count (the cost on a CPU) low.
 Inputs are random but kept away from kinks and singularities.
+
+Beyond first order (``order=2``, ``forward=True``), every function is also checked against
+``jax.test_util.check_grads(order=2, modes=("fwd", "rev"))``: both pass JAX's own
+derivatives, and both reject the function behind a ``custom_vjp`` whose backward is exact in
+value but wrong in its own derivative (`with_second_order_bug`), with the exceptions listed
+in `CONTRACT_DISAGREEMENTS`, each with its reason.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +32,8 @@ import pytest
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 lax = pytest.importorskip("jax.lax")
+
+from jax.test_util import check_grads  # noqa: E402
 
 from gradcheck import Report, check_gradients  # noqa: E402
 
@@ -258,3 +267,110 @@ def test_jax_derivatives_pass_and_perturbed_backwards_are_caught(
     }
     assert not problems, "\n\n".join(f"{name}:\n{text}" for name, text in problems.items())
     assert len(passes) == len(sign) == len(entry) == total >= 40
+
+
+# --------------------------------------------------------------------------- beyond first order
+# The same functions against ``jax.test_util.check_grads(order=2, modes=("fwd", "rev"))``: on
+# JAX's own derivatives both pass the second-order and forward-mode checks; behind a
+# ``custom_vjp`` whose backward is right in value but wrong in its own derivative (visible
+# at second order only), both reject it, and our second-order section names the block.
+
+
+def with_second_order_bug(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` behind a ``custom_vjp`` whose backward is JAX's own times
+    ``1 + 0.01 * sum(x - stop_gradient(x))`` (``x`` the first argument): 1 in value, so the
+    gradient is exact, but differentiating the backward adds ``0.01 g 1^T`` to the first
+    argument's rows of the Hessian."""
+
+    @jax.custom_vjp
+    def wrapped(*args: Any) -> Any:
+        return fn(*args)
+
+    def fwd(*args: Any) -> Any:
+        return fn(*args), args
+
+    def bwd(args: Any, ct: Any) -> Any:
+        grads = list(jax.vjp(fn, *args)[1](ct))
+        first = args[0]
+        grads[0] = grads[0] * (1.0 + 0.01 * jnp.sum(first - lax.stop_gradient(first)))
+        return tuple(grads)
+
+    wrapped.defvjp(fwd, bwd)
+    return wrapped
+
+
+#: (function, variant) -> why our verdict and check_grads' differ (checked: the test fails if
+#: they agree, or if the mutant does not really change the second derivative). None at these
+#: inputs. check_grads checks one random projection per mode, so at other inputs it can miss
+#: the mutant (seen for jnp.sqrt, lax.cumlogsumexp and jax.nn.standardize with inputs drawn
+#: from other seeds), while our full-mode check of every entry of H u caught it at all of them.
+CONTRACT_DISAGREEMENTS: dict[tuple[str, str], str] = {}
+
+
+def _check_grads_passes(fn: Callable[..., Any], args: tuple[Any, ...], modes: Any) -> bool:
+    """Whether ``check_grads(fn, args, order=2, modes=modes)`` passes (float64)."""
+    with jax.enable_x64(True):
+        try:
+            check_grads(fn, tuple(jnp.asarray(a) for a in args), order=2, modes=modes)
+        except AssertionError:
+            return False
+    return True
+
+
+def _hvp_moved(fn: Callable[..., Any], buggy: Callable[..., Any], args: tuple[Any, ...]) -> float:
+    """How far the mutant moves ``H u`` (relative to its largest entry), for the loss
+    ``sum(fn(*args) * r)`` and random ``u``, ``r``: the oracle that the mutant is a real bug."""
+    rng = np.random.default_rng(5)
+    with jax.enable_x64(True):
+        xs = [jnp.asarray(a) for a in args]
+        r = jnp.asarray(rng.standard_normal(np.shape(fn(*xs))))
+        us = [jnp.asarray(rng.standard_normal(np.shape(a))) for a in args]
+
+        def hvp(f: Callable[..., Any]) -> np.ndarray:
+            grad = jax.grad(lambda *v: jnp.sum(f(*v) * r), argnums=tuple(range(len(xs))))
+
+            def u_dot_g(*v: Any) -> Any:
+                return sum(jnp.vdot(u, g) for u, g in zip(us, grad(*v), strict=True))
+
+            parts = jax.grad(u_dot_g, argnums=tuple(range(len(xs))))(*xs)
+            return np.concatenate([np.ravel(p) for p in parts])
+
+        exact, moved = hvp(fn), hvp(buggy)
+    # (relative to the larger of the two: a piecewise-linear function's exact H u is 0)
+    return float(np.max(np.abs(moved - exact)) / max(np.max(np.abs(exact)), np.max(np.abs(moved))))
+
+
+def _own_passed(report: Report) -> bool:
+    """A section's own verdict (a report's ``passed`` covers its sections too)."""
+    return report.problem is None and all(b.passed for b in report.blocks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "fn", "maker"), FUNCTIONS, ids=[f[0] for f in FUNCTIONS])
+def test_second_order_and_forward_mode_agree_with_check_grads(
+    name: str, fn: Callable[..., Any], maker: Maker
+) -> None:
+    args = maker(np.random.default_rng(zlib.crc32(name.encode())))  # the same in every run
+    blocks = {f"input[{i}]" for i in range(len(args))}
+
+    # JAX's own derivatives: check_grads passes both modes at order 2, and so do we
+    assert _check_grads_passes(fn, args, ("fwd", "rev"))
+    report = check_gradients(fn, tuple(args), mode="full", order=2, forward=True)
+    for contract in ("first order", "second order", "forward mode"):
+        section = report.section(contract)
+        assert _own_passed(section) and section.not_checked is None, str(report)
+        assert {b.name for b in section.blocks} == blocks
+
+    # a backward right in value, wrong in its derivative
+    buggy = with_second_order_bug(fn)
+    moved = _hvp_moved(fn, buggy, args)
+    assert moved > 1e-6, moved  # a real second-order bug (round-off: about 1e-14)
+    report = check_gradients(buggy, tuple(args), mode="full", order=2)
+    assert _own_passed(report), str(report)  # first order cannot see it
+    second = report.section("second order")
+    assert {b.name for b in second.blocks if not b.passed} == {"input[0]"}, str(report)
+    anchor_caught = not _check_grads_passes(buggy, args, ("rev",))
+    if (name, "second_order_bug") in CONTRACT_DISAGREEMENTS:
+        assert not anchor_caught  # the listed disagreement still holds
+    else:
+        assert anchor_caught
