@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradcheck import _memory
+from gradcheck._errors import first_line
 from gradcheck._problem import FlatProblem, Unavailable
 from gradcheck.errors import GradcheckInputError, ModelError, ShapeMismatchError
 
@@ -76,15 +77,6 @@ _NO_VMAP = re.compile(
 )
 
 Scope = Callable[[], contextlib.AbstractContextManager[Any]]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_first_line(exc)[:200]}"
 
 
 def _power_of_two_below(n: int) -> int:
@@ -186,10 +178,10 @@ class _Hooks:
             raise
         except Exception as exc:
             if _NO_JVP.search(str(exc)):
-                raise Unavailable(f"no forward-mode rule: {_describe(exc)}") from exc
+                raise Unavailable(f"no forward-mode rule: {first_line(exc)}") from exc
             raise ModelError(
                 f"the model raised while JAX evaluated its forward-mode derivatives: "
-                f"{_describe(exc)}"
+                f"{first_line(exc)}"
             ) from exc
 
     # ------------------------------------------------------------------ batched gradients
@@ -214,9 +206,9 @@ class _Hooks:
                 raise
             except Exception as exc:
                 if _NO_VMAP.search(str(exc)) or isinstance(exc, NotImplementedError):
-                    raise Unavailable(f"the gradient cannot be vmapped: {_describe(exc)}") from exc
+                    raise Unavailable(f"the gradient cannot be vmapped: {first_line(exc)}") from exc
                 raise ModelError(
-                    f"the model raised while JAX evaluated its vmapped gradient: {_describe(exc)}"
+                    f"the model raised while JAX evaluated its vmapped gradient: {first_line(exc)}"
                 ) from exc
         return both[:, 0].copy(), both[:, 1:]
 
@@ -245,7 +237,7 @@ class _Hooks:
                 raise
             except Exception as exc:
                 # (the core's section says "the backward cannot be differentiated: ...")
-                raise Unavailable(f"JAX raised differentiating it: {_describe(exc)}") from exc
+                raise Unavailable(f"JAX raised differentiating it: {first_line(exc)}") from exc
             max_batch = self.rows(_SECOND_ORDER_COST)
             loss_batch = None
             if self.traceable and max_batch > 1:
@@ -257,7 +249,7 @@ class _Hooks:
                     jax.block_until_ready(batched(rows, uj))
                 except Exception as exc:
                     notes.append(
-                        f"u . g cannot be vmapped ({_describe(exc)[:120]}); its evaluations "
+                        f"u . g cannot be vmapped ({first_line(exc)[:120]}); its evaluations "
                         "run one at a time"
                     )
                 else:
@@ -278,7 +270,7 @@ class _Hooks:
                         return float(single(jnp.asarray(self.vector(theta)), uj))
                     except Exception as exc:
                         raise ModelError(
-                            f"the model raised while JAX evaluated u . g: {_describe(exc)}"
+                            f"the model raised while JAX evaluated u . g: {first_line(exc)}"
                         ) from exc
 
         pending = [first]
@@ -292,7 +284,7 @@ class _Hooks:
                     value = hvp(jnp.asarray(theta), uj)
                 except Exception as exc:
                     raise ModelError(
-                        f"the model raised while JAX differentiated its backward: {_describe(exc)}"
+                        f"the model raised while JAX differentiated its backward: {first_line(exc)}"
                     ) from exc
                 out = _memory.empty(self.size)
                 out[:] = np.asarray(value, dtype=np.float64)
@@ -331,7 +323,7 @@ class _Hooks:
                         values = batched(chunk, uj)
                     except Exception as exc:
                         raise ModelError(
-                            f"the model raised while JAX evaluated u . g: {_describe(exc)}"
+                            f"the model raised while JAX evaluated u . g: {first_line(exc)}"
                         ) from exc
                     out[start : start + k] = np.asarray(values, dtype=np.float64)[:k]
             return out

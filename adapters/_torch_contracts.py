@@ -37,9 +37,9 @@ import torch.autograd.forward_ad as fwad
 from gradcheck.adapters.torch import (
     CPU_BATCH_BUDGET,
     MAX_VMAP_BATCH,
-    VMAP_FROM,
     _bytes_per_evaluation,
     _Evaluator,
+    _LazyChoice,
     _normal_mode,
     _Raised,
 )
@@ -367,7 +367,7 @@ class _SecondOrder:
         return f"a backward in the model is marked @once_differentiable{among}"
 
 
-class _LazyValues:
+class _LazyValues(_LazyChoice):
     """The second-order problem's values ``u . g`` at many rows in one vmapped call
     (``gradient_batch``), chosen as the first-order problem's batching is
     (`gradcheck.adapters.torch._LazyBatching`): only for a check expecting `VMAP_FROM`
@@ -381,20 +381,10 @@ class _LazyValues:
         u: np.ndarray,
         loss: Callable[[np.ndarray], float],
     ) -> None:
-        self._looped = looped
+        super().__init__(looped)
         self._batched = batched
         self._u = u
         self._loss = loss
-        self._lock = threading.Lock()
-        self._chosen: FlatProblem | None = None
-
-    def prepare(self, evaluations: int) -> FlatProblem:
-        if evaluations < VMAP_FROM:
-            return self._looped
-        with self._lock:
-            if self._chosen is None:
-                self._chosen = self._choose()
-            return self._chosen
 
     def _values(self, thetas: np.ndarray) -> np.ndarray:
         out: np.ndarray = self._batched.gradient_batch(thetas)[1] @ self._u

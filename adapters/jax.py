@@ -96,6 +96,7 @@ from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from gradcheck import _memory
 from gradcheck._calls import call, call_style
+from gradcheck._errors import first_line
 from gradcheck._losses import canonical_loss_name, implementation, missing_target, nothing_to_check
 from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
 from gradcheck._select import check_category
@@ -637,15 +638,6 @@ _TRACE_ERRORS: tuple[type[BaseException], ...] = (
 Parts = list[Any]  # one array per block, shaped as the model's arrays
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_first_line(exc)}"
-
-
 def _compile(traced: Any) -> Any:
     """Lower and compile a traced program, with XLA's default (optimising) settings.
 
@@ -867,10 +859,10 @@ def _trace_failure(of_parts: Callable[[Parts], Any], avals: Any, exc: Exception)
     except GradcheckInputError as forward:
         return forward
     except Exception as forward:
-        return ModelError(f"the model's forward raised while JAX traced it: {_describe(forward)}")
+        return ModelError(f"the model's forward raised while JAX traced it: {first_line(forward)}")
     return ModelError(
         "JAX cannot differentiate the model: its backward raised while JAX traced the "
-        f"gradient (the forward traces fine): {_describe(exc)}"
+        f"gradient (the forward traces fine): {first_line(exc)}"
     )
 
 
@@ -914,7 +906,7 @@ class _Programs:
                     memory=evaluator.bytes_per_evaluation(size),
                 )
             except Exception as exc:  # the model's error, or the evaluator's: compiled decides
-                why = f"raised {_describe(exc)[:160]}"
+                why = f"raised {first_line(exc)[:160]}"
             else:
                 switch = _Switch(
                     evaluator, lambda: cls.public(vg, of_parts, avals, size, "raised in a check")
@@ -1000,11 +992,11 @@ def _evaluation_failure(
         return forward
     except Exception as forward:
         return ModelError(
-            f"the model's forward raised while JAX evaluated it: {_describe(forward)}"
+            f"the model's forward raised while JAX evaluated it: {first_line(forward)}"
         )
     return ModelError(
         "the model's backward raised while JAX evaluated its gradient (the forward runs "
-        f"fine): {_describe(exc)}"
+        f"fine): {first_line(exc)}"
     )
 
 
@@ -1015,17 +1007,21 @@ def _flat_loss(
 
     def loss(theta: np.ndarray) -> float:
         with _scope():
-            parts = device_parts(theta)
-            try:
-                return float(fn(parts))
-            except GradcheckInputError:
-                raise
-            except Exception as exc:
-                raise ModelError(
-                    f"the model raised while JAX evaluated its loss: {_describe(exc)}"
-                ) from exc
+            return _loss_value(fn, device_parts(theta))
 
     return loss
+
+
+def _loss_value(fn: Callable[[Parts], Any], parts: Parts) -> float:
+    """``fn(parts)`` as a float; what the model raises is a `ModelError` quoting it."""
+    try:
+        return float(fn(parts))
+    except GradcheckInputError:
+        raise
+    except Exception as exc:
+        raise ModelError(
+            f"the model raised while JAX evaluated its loss: {first_line(exc)}"
+        ) from exc
 
 
 def _flat_loss_along(
@@ -1049,14 +1045,7 @@ def _flat_loss_along(
                     np.multiply(direction[offset : offset + size], s, out=flat)
                     np.add(theta0[offset : offset + size], flat, out=flat)
                 parts = jax.device_put(blocks)
-                try:
-                    values[k] = float(fn(parts))
-                except GradcheckInputError:
-                    raise
-                except Exception as exc:
-                    raise ModelError(
-                        f"the model raised while JAX evaluated its loss: {_describe(exc)}"
-                    ) from exc
+                values[k] = _loss_value(fn, parts)
                 del parts  # (evaluated: nothing reads these blocks before they are rewritten)
         return values
 
@@ -1146,7 +1135,7 @@ def _compiled(
             try:
                 batch_exe = first_traced(batched_loss)
             except Exception as exc:  # no batching rule, a callback that cannot vmap, ...
-                why = f"{type(exc).__name__}: {_first_line(exc)[:120]}"
+                why = first_line(exc)[:160]
                 notes.append(f"the model cannot be vmapped ({why}); evaluations run one at a time")
             else:
                 loss_batch = _padded(batch_exe, eager.theta0, max_batch)
@@ -1198,7 +1187,7 @@ def _padded(
                     values = batch_exe(chunk)
                 except Exception as exc:
                     raise ModelError(
-                        f"the model raised while JAX evaluated its loss: {_describe(exc)}"
+                        f"the model raised while JAX evaluated its loss: {first_line(exc)}"
                     ) from exc
                 out[start : start + k] = np.asarray(values, dtype=np.float64)[:k]
         return out

@@ -1163,18 +1163,13 @@ def _along(ev: _Evaluator) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     return loss_along
 
 
-class _LazyBatching:
-    """How a problem's batched evaluations run, chosen when the core first says it expects
-    enough of them (`FlatProblem.prepare`, before it evaluates anything), not while the
-    problem is built: the choice (`_choose_batching`: vmap twice, the loop, a count of the
-    memory one evaluation uses, about five evaluations) costs more than a fast check's two
-    evaluations. A check expecting fewer than `VMAP_FROM` evaluations gets the problem as
-    built (one parameter vector at a time, ``batching="loop"``); the others share one
-    choice per problem, made once under a lock (checks may run in several threads)."""
+class _LazyChoice:
+    """A problem whose batched evaluations are chosen once, when the core first says it
+    expects `VMAP_FROM` evaluations or more (`FlatProblem.prepare`, before it evaluates
+    anything), under a lock (checks may run in several threads); a check expecting fewer gets
+    the problem as built (``looped``). Subclasses say how to choose (``_choose``)."""
 
-    def __init__(self, ev: _Evaluator, loss0: float, looped: FlatProblem) -> None:
-        self._ev = ev
-        self._loss0 = loss0
+    def __init__(self, looped: FlatProblem) -> None:
         self._looped = looped
         self._lock = threading.Lock()
         self._chosen: FlatProblem | None = None
@@ -1186,6 +1181,24 @@ class _LazyBatching:
             if self._chosen is None:
                 self._chosen = self._choose()
             return self._chosen
+
+    def _choose(self) -> FlatProblem:
+        raise NotImplementedError
+
+
+class _LazyBatching(_LazyChoice):
+    """How a problem's batched evaluations run, chosen when the core first says it expects
+    enough of them (`FlatProblem.prepare`, before it evaluates anything), not while the
+    problem is built: the choice (`_choose_batching`: vmap twice, the loop, a count of the
+    memory one evaluation uses, about five evaluations) costs more than a fast check's two
+    evaluations. A check expecting fewer than `VMAP_FROM` evaluations gets the problem as
+    built (one parameter vector at a time, ``batching="loop"``); the others share one
+    choice per problem, made once under a lock (checks may run in several threads)."""
+
+    def __init__(self, ev: _Evaluator, loss0: float, looped: FlatProblem) -> None:
+        super().__init__(looped)
+        self._ev = ev
+        self._loss0 = loss0
 
     def _choose(self) -> FlatProblem:
         ev, looped = self._ev, self._looped

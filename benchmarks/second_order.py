@@ -34,21 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from scale import median_time, widths  # (benchmarks/ is the script's folder)
 
 from gradcheck import check_gradients
 
 BATCH = 64
 SETTLE = 0.15  # seconds of forward+backward calls before T_fb is measured
-
-
-def widths(p: float) -> list[int]:
-    """A 3-layer tanh MLP [d, h, h, 10] with about p parameters (as benchmarks/scale.py)."""
-    target = int(p)
-    for h in range(8, 5000):
-        d = max(h // 2, 4)
-        if d * h + h + h * h + h + h * 10 + 10 >= target:
-            return [d, h, h, 10]
-    raise ValueError(p)
 
 
 class Planted:
@@ -163,21 +154,6 @@ def setup(p: float, seed: int) -> dict[str, Any]:
         "hidden_name": "layers.1.weight",
         "sizes": sizes,
     }
-
-
-def median_time(fn: Callable[[], Any], repeat: int = 7, min_time: float = 0.02) -> float:
-    times = []
-    for _ in range(repeat):
-        n = 0
-        start = time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                break
-        times.append(elapsed / n)
-    return statistics.median(times)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from _gradcheck_options import OPTIONS
+
 from ._contracts import run_contracts
 from ._dispatch import select_adapter
 from ._options import CheckOptions, Mode, Wrt, check_wrt
@@ -16,6 +18,12 @@ from ._problem import Block, FlatProblem, check_container
 from ._report import Report
 from ._select import adapter_wrt, select_blocks
 from .errors import InvalidOptionError, ModelError, ShapeMismatchError
+
+
+def _check_options(given: dict[str, Any]) -> CheckOptions:
+    """The `CheckOptions` of a call whose keywords are the options of `OPTIONS` (``wrt``
+    aside, which selects blocks): ``given`` is the call's ``locals()``."""
+    return CheckOptions(**{o.name: given[o.name] for o in OPTIONS if o.name != "wrt"})
 
 
 def check_gradients(
@@ -124,17 +132,7 @@ def check_gradients(
         reset before every evaluation makes the check inconclusive (it fails).
     """
     started = time.perf_counter()  # the report's time covers the adapter's set-up too
-    options = CheckOptions(
-        mode=mode,
-        seed=seed,
-        rtol=rtol,
-        atol=atol,
-        max_evals=max_evals,
-        nondet_tol=nondet_tol,
-        order=order,
-        forward=forward,
-        batched=batched,
-    )
+    options = _check_options(locals())
     check_container(x, "x")
     check_container(y, "y")
     blocks = check_wrt(wrt)
@@ -186,17 +184,7 @@ def check_flat(
         >>> check_flat(lambda t: float(np.sum(t**3)), lambda t: 2 * t**2, np.arange(4.0)).passed
         False
     """
-    opts = CheckOptions(
-        mode=mode,
-        seed=seed,
-        rtol=rtol,
-        atol=atol,
-        max_evals=max_evals,
-        nondet_tol=nondet_tol,
-        order=order,
-        forward=forward,
-        batched=batched,
-    )
+    opts = _check_options(locals())
     if isinstance(loss, FlatProblem):
         given = {"gradient": gradient, "theta0": theta0, "blocks": blocks}
         extra = [name for name, value in given.items() if value is not None]

@@ -123,7 +123,7 @@ def _expected_evaluations(mode: str, size: int) -> int:
     return 2 * size + 2 if mode == "full" else 2
 
 
-def _unchecked(block: Block, why: str) -> BlockResult:
+def unchecked_block(block: Block, why: str) -> BlockResult:
     return BlockResult(
         name=block.name,
         shape=block.shape,
@@ -156,7 +156,7 @@ def _run_full(
     grad_scale = float(np.max(np.abs(g))) if g.size else 0.0
     for block in problem.blocks:
         if issue is not None:
-            blocks.append(_unchecked(block, "not checked: the evaluation budget ran out"))
+            blocks.append(unchecked_block(block, "not checked: the evaluation budget ran out"))
             continue
         try:
             own = raw if id(block) in broken else g  # NaN and Inf entries fail as mismatches
@@ -170,7 +170,7 @@ def _run_full(
                 f"the evaluation budget ran out (max_evals={options.max_evals:,}) "
                 f"before `{block.name}` was checked"
             )
-            blocks.append(_unchecked(block, "not checked: the evaluation budget ran out"))
+            blocks.append(unchecked_block(block, "not checked: the evaluation budget ran out"))
             continue
         numeric_all[block.slice] = numeric
         blocks.append(result)
@@ -256,12 +256,12 @@ def _run_check(
             f"the loss is not deterministic: two evaluations at the same point gave "
             f"{exc.first!r} and {exc.second!r} (reset or fix the randomness in the forward pass)"
         )
-        blocks = [_unchecked(b, "not checked: non-deterministic loss") for b in problem.blocks]
+        blocks = [unchecked_block(b, "not checked: non-deterministic loss") for b in problem.blocks]
         numeric_all = None
     except BudgetExhausted:
         issue = f"the evaluation budget ran out (max_evals={options.max_evals:,})"
         blocks = [
-            _unchecked(b, "not checked: the evaluation budget ran out") for b in problem.blocks
+            unchecked_block(b, "not checked: the evaluation budget ran out") for b in problem.blocks
         ]
         numeric_all = None
     if mode == "fast":

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ._check import analytic_gradient, disagreement, run_check
+from ._check import analytic_gradient, disagreement, run_check, unchecked_block
 from ._options import CheckOptions, Tolerance
 from ._problem import Block, FlatProblem, Unavailable
 from ._report import MAX_ROWS, BlockResult, Entry, Report
@@ -110,18 +110,7 @@ def _no_hook(problem: FlatProblem, contract: str) -> str:
 
 def _failed(first: Report, problem: FlatProblem, contract: str, why: str) -> Report:
     """A section that could not be judged although the contract was asked for: it fails."""
-    unchecked = tuple(
-        BlockResult(
-            name=b.name,
-            shape=b.shape,
-            kind=b.kind,
-            checked=0,
-            size=b.size,
-            mismatches=0,
-            note=f"not checked: {why}",
-        )
-        for b in problem.blocks
-    )
+    unchecked = tuple(unchecked_block(b, f"not checked: {why}") for b in problem.blocks)
     return replace(
         _not_checked(first, contract, why), blocks=unchecked, not_checked=None, problem=why
     )
