@@ -105,7 +105,11 @@ class Option:
                 )
             return value if isinstance(value, str) else tuple(items)
         if self.kind == "flag":
-            if isinstance(value, bool) or type(value).__name__ == "bool_":  # NumPy's bool too
+            numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in (
+                "bool",
+                "bool_",
+            )
+            if isinstance(value, bool) or numpy_bool:  # NumPy's bool too
                 return bool(value)
             raise OptionValueError(f"{self.name} must be True or False; got {value!r}")
         if self.kind == "order":
@@ -119,15 +123,11 @@ class Option:
             if isinstance(value, bool) or not isinstance(value, Real):
                 raise OptionValueError(f"{self.name} must be a number >= 0; got {value!r}")
             if not math.isfinite(value) or value < 0:
-                raise OptionValueError(
-                    f"{self.name} must be a finite number >= 0; got {value!r}"
-                )
+                raise OptionValueError(f"{self.name} must be a finite number >= 0; got {value!r}")
             return float(value)
         if self.kind == "count":
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise OptionValueError(
-                    f"{self.name} must be a positive int or None; got {value!r}"
-                )
+                raise OptionValueError(f"{self.name} must be a positive int or None; got {value!r}")
             return int(value)
         # "seed": NumPy's bools are not Integral, Python's are
         if isinstance(value, bool) or not isinstance(value, Integral):
@@ -245,8 +245,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "wrt",
         "all",
-        "which blocks to check: all, params, inputs, or block names or patterns "
-        "(comma-separated)",
+        "which blocks to check: all, params, inputs, or block names or patterns (comma-separated)",
         "WHICH",
         "blocks",
         choices=("all", "params", "inputs"),

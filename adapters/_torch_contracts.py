@@ -61,9 +61,21 @@ _NO_DOUBLE_BACKWARD = re.compile(
     r"does not require grad|does not have a grad_fn",
     re.IGNORECASE,
 )
-# Errors that say a forward-mode rule is missing.
+# torch's words for an op it cannot differentiate in forward mode (not a bug of the model's;
+# a Function without jvp is found by `_functions_lacking`): anything else a forward-mode
+# evaluation raises is the model's error (a jvp that returns the wrong shape, or raises).
 _NO_FORWARD_RULE = re.compile(
-    r"forward.?mode|forward AD|forward grad|jvp|not implemented|setup_context|dual",
+    r"forward AD with \S+ that does not support it|is not implemented for forward|"
+    r"derivative for .* is not implemented",
+    re.IGNORECASE,
+)
+# torch's words for what torch.func.vmap cannot run (an op without a batching rule, .item(),
+# in-place updates of captured buffers, randomness across a batch): anything else is the
+# model's error (a vmap staticmethod that returns the wrong out_dims, or raises).
+_NO_BATCHING = re.compile(
+    r"batching rule not implemented|vmap: we do not yet support|\.item\(\)|"
+    r"vmap does not currently support|got a batched tensor as input|"
+    r"doesn't have storage|data-dependent|in-place operation|inplace",
     re.IGNORECASE,
 )
 _JIT_DEPRECATED = r"`torch\.jit\.script` is deprecated"
@@ -225,21 +237,24 @@ def _functions_lacking(ev: _Evaluator, row: torch.Tensor, method: str) -> list[s
     return names
 
 
-def _batching_reason(ev: _Evaluator, row: torch.Tensor, cause: BaseException) -> str:
-    """Why ``torch.func.vmap`` cannot run the model, naming the Functions where it can."""
+def _batching_reason(ev: _Evaluator, row: torch.Tensor, cause: BaseException) -> str | None:
+    """Why ``torch.func.vmap`` cannot run the model, naming the Functions where it can; None
+    when the model has the rules it needs and one of them raised (``cause`` is its error)."""
     classic = _functions_lacking(ev, row, "setup_context")
     if classic:
         return (
-            f"autograd.Function {', '.join(classic)} has no setup_context staticmethod "
-            "(torch.func transforms need it)"
+            f"no batching rule: autograd.Function {', '.join(classic)} has no setup_context "
+            "staticmethod (torch.func transforms need it)"
         )
     unbatched = _functions_lacking(ev, row, "vmap")
     if unbatched:
         return (
-            f"autograd.Function {', '.join(unbatched)} has neither a vmap staticmethod "
-            "nor generate_vmap_rule=True"
+            f"no batching rule: autograd.Function {', '.join(unbatched)} has neither a vmap "
+            "staticmethod nor generate_vmap_rule=True"
         )
-    return first_line(cause)
+    if _NO_BATCHING.search(str(cause)):
+        return f"torch.func.vmap cannot run the model: {first_line(cause)}"
+    return None
 
 
 class _SecondOrder:
@@ -470,17 +485,15 @@ class _Forward:
             raise
         except Exception as exc:
             cause = exc.exc if isinstance(exc, _Raised) else exc
-            if isinstance(cause, NotImplementedError) or _NO_FORWARD_RULE.search(str(cause)):
-                lacking = _functions_lacking(ev, row, "jvp")
-                which = (
-                    f"autograd.Function {', '.join(lacking)} defines no jvp"
-                    if lacking
-                    else first_line(cause)
-                )
+            if isinstance(exc, _Raised) and exc.where != "forward":
+                raise  # the loss callable raised: the model's error, whatever the mode
+            lacking = _functions_lacking(ev, row, "jvp")
+            if lacking:
+                which = f"autograd.Function {', '.join(lacking)} defines no jvp"
                 raise Unavailable(f"no forward-mode rule: {which}") from cause
-            if isinstance(exc, _Raised):
-                raise
-            raise _Raised("forward", exc) from exc
+            if isinstance(cause, NotImplementedError) or _NO_FORWARD_RULE.search(str(cause)):
+                raise Unavailable(f"no forward-mode rule: {first_line(cause)}") from cause
+            raise _Raised("jvp", cause) from cause
         try:
             batched = _to_numpy(self._vectorized(row, probe))
         except GradcheckInputError:
@@ -559,7 +572,9 @@ class _Batched:
             except Exception as exc:  # what runs one row at a time but not under vmap
                 cause = exc.exc if isinstance(exc, _Raised) else exc
                 why = _batching_reason(ev, rows[0], cause)
-                raise Unavailable(f"no batching rule: {why}") from cause
+                if why is None:  # a batching rule the model has, raising: its error
+                    raise _Raised("vmap", cause) from cause
+                raise Unavailable(why) from cause
             out[start : start + rows.shape[0]] = _to_numpy(result)
             values[start : start + rows.shape[0]] = _to_numpy(value)
         return values, out

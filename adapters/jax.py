@@ -95,7 +95,7 @@ import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from gradcheck import _memory
-from gradcheck._calls import call, call_style
+from gradcheck._calls import call, call_style, input_hint
 from gradcheck._errors import first_line
 from gradcheck._losses import canonical_loss_name, implementation, missing_target, nothing_to_check
 from gradcheck._problem import BlockKind, FlatProblem, Precision, block_layout, output_projection
@@ -249,6 +249,8 @@ class _Spec:
     strip_value: bool = False
     notes: list[str] = field(default_factory=list)
     has_params: bool = True
+    #: for an error the forward raises on ``x``: how the rule passed it (`input_hint`)
+    hint: Callable[[Any], str] = lambda x: ""
 
 
 def _call(model: Any, x: Any) -> Any:
@@ -271,14 +273,24 @@ def _spec_for(model: Any) -> _Spec:
         if linen is not None:
             return _linen_spec(linen, params, None)
         return _Spec(
-            tree=params, forward=_pair_forward(fn), style="dict", form="(apply_fn, params) pair"
+            tree=params,
+            forward=_pair_forward(fn),
+            style="dict",
+            form="(apply_fn, params) pair",
+            hint=lambda x: input_hint(fn, x, skip=1),
         )
     if _is_linen_triple(model):
         return _linen_spec(_linen_owner(model[0]), model[1], model[2])
     if _is_nnx(model):
         return _nnx_spec(model)
     if _is_equinox(model):
-        return _Spec(tree=model, forward=_call, style="attr", form="Equinox module")
+        return _Spec(
+            tree=model,
+            forward=_call,
+            style="attr",
+            form="Equinox module",
+            hint=lambda x: input_hint(model, x),
+        )
     if _is_linen(model):
         raise UnsupportedModelError(
             f"a Flax Linen module needs its variables: pass (module, variables); "
@@ -300,7 +312,14 @@ def _plain_spec(fn: Callable[..., Any]) -> _Spec:
     def forward(params: Any, x: Any) -> Any:
         return call(fn, call_style(fn, x), x)
 
-    return _Spec(tree=None, forward=forward, style="dict", form="function", has_params=False)
+    return _Spec(
+        tree=None,
+        forward=forward,
+        style="dict",
+        form="function",
+        has_params=False,
+        hint=lambda x: input_hint(fn, x),
+    )
 
 
 def _linen_spec(module: Any, variables: Any, rngs: Mapping[str, Any] | None) -> _Spec:
@@ -814,7 +833,7 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
     except GradcheckInputError:
         raise
     except Exception as exc:
-        raise _trace_failure(of_parts, avals, exc) from exc
+        raise _trace_failure(of_parts, avals, exc, spec.hint(x)) from exc
 
     programs = _Programs.of(vg, of_parts, avals, device_parts(theta0), theta0.size)
     notes.extend(programs.notes)
@@ -852,14 +871,19 @@ def _build(spec: _Spec, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fl
     return eager
 
 
-def _trace_failure(of_parts: Callable[[Parts], Any], avals: Any, exc: Exception) -> Exception:
-    """The error for a ``value_and_grad`` trace that raised: the forward's, or the backward's."""
+def _trace_failure(
+    of_parts: Callable[[Parts], Any], avals: Any, exc: Exception, hint: str = ""
+) -> Exception:
+    """The error for a ``value_and_grad`` trace that raised: the forward's (with ``hint``, how
+    the input reached it), or the backward's."""
     try:
         jax.jit(of_parts).trace(avals)
     except GradcheckInputError as forward:
         return forward
     except Exception as forward:
-        return ModelError(f"the model's forward raised while JAX traced it: {first_line(forward)}")
+        return ModelError(
+            f"the model's forward raised while JAX traced it: {first_line(forward)}{hint}"
+        )
     return ModelError(
         "JAX cannot differentiate the model: its backward raised while JAX traced the "
         f"gradient (the forward traces fine): {first_line(exc)}"

@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from gradcheck import _memory
-from gradcheck._calls import call, call_style
+from gradcheck._calls import call, call_style, input_hint
 from gradcheck._errors import first_line
 from gradcheck._losses import missing_target, nothing_to_check, numpy_loss
 from gradcheck._problem import Block, BlockKind, FlatProblem, block_layout, output_projection
@@ -331,7 +331,13 @@ class _Inputs(_Arguments):
             x = dict(zip(self.keys, values, strict=True))
         else:
             x = tuple(values) if self.kind == "tuple" else list(values)
-        return _call("forward", call, forward, self.style, x)
+        try:
+            return _call("forward", call, forward, self.style, x)
+        except ModelError as exc:
+            hint = input_hint(forward, x)
+            if not hint:
+                raise
+            raise ModelError(f"{exc}{hint}") from exc.__cause__
 
     def gradient(self, dx: Any, pos: int) -> Any:
         """The part of ``backward``'s return value that belongs to input ``pos``."""

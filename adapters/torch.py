@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from gradcheck import _memory
-from gradcheck._calls import call, call_style
+from gradcheck._calls import call, call_style, input_hint
 from gradcheck._errors import first_line
 from gradcheck._losses import (
     CLASS_LOSSES,
@@ -115,6 +115,8 @@ class _Raised(Exception):
         "forward": "the model's forward",
         "loss": "the loss",
         "backward": "the model's backward",
+        "jvp": "the model's forward-mode rule (a Function's jvp, or torch's for an op)",
+        "vmap": "the model under vmap (a Function's vmap rule, or torch's batching of an op)",
     }
 
     def __init__(self, where: str, exc: BaseException) -> None:
@@ -122,8 +124,8 @@ class _Raised(Exception):
         self.where = where
         self.exc = exc
 
-    def model_error(self, when: str) -> ModelError:
-        error = ModelError(f"{self.WHO[self.where]} raised {when}: {first_line(self.exc)}")
+    def model_error(self, when: str, hint: str = "") -> ModelError:
+        error = ModelError(f"{self.WHO[self.where]} raised {when}: {first_line(self.exc)}{hint}")
         error.__cause__ = self.exc
         return error
 
@@ -411,7 +413,9 @@ class _Spec:
         self.device = self._device(x)
         self.y = _map_tensors(self._as_tensor(y, self._model_dtype()), _own)
         # the one rule of every adapter (gradcheck._calls); a module by its forward's signature
-        self.style = call_style(self.module.forward if self.module is not None else model, x)
+        target = self.module.forward if self.module is not None else model
+        self.style = call_style(target, x)
+        self.hint = input_hint(target, x)  # for an error the forward raises on its input
         self.leaves: list[tuple[str, Any]] = []
         self.rebuild = _flatten(x, "input", self.leaves) if x is not None else None
         model_dtype = self._model_dtype()
@@ -1102,7 +1106,8 @@ def _build(model: Any, x: Any, y: Any, *, loss: Any, wrt: str, seed: int) -> Fla
                 )
                 continue
             if isinstance(exc, _Raised):
-                raise exc.model_error("at the starting point") from exc.exc
+                hint = spec.hint if exc.where == "forward" else ""
+                raise exc.model_error("at the starting point", hint) from exc.exc
             raise  # pragma: no cover - only the float64 attempt checks the output's dtype
         ev.cache_gradient(ev.theta0, grad0)
         break

@@ -79,3 +79,29 @@ def call(fn: Callable[..., Any], style: Style, x: Any, *leading: Any) -> Any:
     if style == "kwargs":
         return fn(*leading, **x)
     return fn(*leading, x)
+
+
+def input_hint(fn: Callable[..., Any], x: Any, *, skip: int = 0) -> str:
+    """A clause for an error the model raised on its input, where the rule passed ``x`` as the
+    one argument and the user may have meant otherwise (a tuple for ``forward(x, mask=None)``,
+    a dict with a misspelt key); empty otherwise."""
+    parameters = _parameters(fn, skip)
+    if parameters is None or call_style(fn, x, skip=skip) != "one":
+        return ""
+    positional = [p for p in parameters if p.kind in _POSITIONAL]
+    if is_sequence(x) and len(positional) > 1:
+        first, rest = positional[0].name, ", ".join(f"`{p.name}`" for p in positional[1:])
+        return (
+            f" (x, a {type(x).__name__} of {len(x)}, went to the call as its one argument "
+            f"`{first}`: a tuple fills required parameters only; to fill {rest} too, pass a "
+            f"dict keyed by parameter name, x={{'{first}': ..., ...}})"
+        )
+    if isinstance(x, Mapping):
+        names = {p.name for p in parameters if p.kind is not p.POSITIONAL_ONLY}
+        unknown = [k for k in x if k not in names]
+        if unknown and len(unknown) < len(x):
+            return (
+                f" (x, a dict, went to the call as its one argument: its keys "
+                f"{', '.join(repr(k) for k in unknown)} name no parameter of the call)"
+            )
+    return ""

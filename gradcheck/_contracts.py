@@ -39,6 +39,7 @@ from ._options import CheckOptions, Tolerance
 from ._problem import Block, FlatProblem, Unavailable
 from ._report import MAX_ROWS, BlockResult, Entry, Report
 from ._verdict import BACKWARD_ROUNDOFF, agrees, block_floor, direction_floor
+from .errors import ModelError, NonFiniteError
 
 #: Rows of the identity per `FlatProblem.jvp` call in full mode: at most 32 MiB of rows.
 _IDENTITY_BYTES = 1 << 25
@@ -60,19 +61,35 @@ def run_contracts(
     start = time.perf_counter() if started is None else started
     first = run_check(problem, options, start)
     asked = [
-        (options.order == 2, _second_order),
-        (options.forward, _forward),
-        (options.batched, _batched),
+        (options.order == 2, "second order", _second_order),
+        (options.forward, "forward mode", _forward),
+        (options.batched, "batched backward", _batched),
     ]
     sections = []
     caller: dict[str, Any] = dict(np.geterr())
-    for wanted, contract in asked:
-        if wanted:
+    for wanted, name, contract in asked:
+        if not wanted:
+            continue
+        try:
             with np.errstate(all="ignore"):
                 sections.append(contract(problem, options, first, caller))
+        except (ModelError, NonFiniteError) as exc:
+            # the model's code raised in this contract alone (a double backward, a jvp, a
+            # batching rule), or its gradient is not finite where this contract needs it:
+            # this section fails and says why; the others keep their verdicts
+            sections.append(_failed(first, problem, name, _why_raised(name, exc)))
     if not sections:
         return first
     return replace(first, sections=tuple(sections), elapsed=time.perf_counter() - start)
+
+
+def _why_raised(contract: str, exc: Exception) -> str:
+    if isinstance(exc, NonFiniteError) and contract == "second order":
+        return (
+            "u . g is not finite at the starting point: the model's gradient is NaN or Inf "
+            "there (see the first order)"
+        )
+    return str(exc)
 
 
 def _section(report: Report, first: Report, contract: str) -> Report:
@@ -267,7 +284,8 @@ def _forward_fast(
         if not wrong:
             why = (
                 f"at {len(suspects)} entr{'y' if len(suspects) == 1 else 'ies'} finite "
-                "differences accept the forward-mode value (a kink?)"
+                "differences accept the forward-mode value (a kink, or a reverse-mode "
+                "gradient that is wrong there: see the first order)"
                 if suspects
                 else "spread over the block: round-off"
             )

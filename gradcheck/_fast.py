@@ -779,18 +779,18 @@ def _failed(
     the first failing direction."""
     found = sorted(found, key=lambda e: -e.abs_diff)
     diagnosis = None
-    if found:
+    if found and finished:  # (stopped early, the entries found are not the pattern: the note says)
         a = np.array([e.analytic for e in found])
         n = np.array([e.numeric for e in found])
         every = np.ones(len(found), dtype=bool)
-        size = result.size if finished else result.size + 1
-        diagnosis = diagnose(a, n, every, result.shape, size=size)
+        diagnosis = diagnose(a, n, every, result.shape, size=result.size)
     ratio = analytic / numeric if numeric != 0 else math.inf
     if finished and found:
         note = f"localisation found every wrong entry along the failing direction ({len(found)})"
     elif found:
         note = (
-            f"localisation stopped after {len(found)} entries (at most {MAX_LOCALIZE}); "
+            f"localisation stopped after {len(found)} entr{'y' if len(found) == 1 else 'ies'} "
+            f"(at most {MAX_LOCALIZE}); "
             f"more are wrong: along the failing direction analytic / numeric = {ratio:.6g}"
         )
     else:
@@ -798,8 +798,8 @@ def _failed(
             "localisation named no single entry (the error is spread over many); "
             f"along the failing direction analytic / numeric = {ratio:.6g}"
         )
-    if diagnosis is None or not finished:
-        diagnosis = _direction_diagnosis(ratio) or diagnosis
+    if diagnosis is None:
+        diagnosis = _direction_diagnosis(ratio)
     return replace(
         result,
         mismatches=mismatches,

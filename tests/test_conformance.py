@@ -934,3 +934,47 @@ def test_no_input_reaches_the_model_as_none_only_where_it_needs_an_argument(
     with pytest.raises(ModelError):
         check_gradients(_recording(framework, signature, seen), None)
     assert seen == received
+
+
+def _needs_a_mask(framework: str):
+    """A model of ``framework`` whose call is ``(x, mask=None)`` and which fails on a tuple."""
+    if framework == "numpy":
+
+        class Masked:
+            params = {"w": np.ones(3)}
+            grads = {"w": np.zeros(3)}
+
+            def forward(self, x, mask=None):
+                return x.reshape(3) * self.params["w"]
+
+            def backward(self, dout):
+                return dout
+
+        return Masked()
+    if framework == "torch":
+        import torch
+
+        class MaskedModule(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+
+            def forward(self, x, mask=None):
+                return x.reshape(3) * self.w
+
+        return MaskedModule()
+    import jax.numpy as jnp
+
+    return (lambda p, x, mask=None: x.reshape(3) * p["w"], {"w": jnp.ones(3)})
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_an_input_that_went_as_one_argument_is_explained_in_the_models_error(framework):
+    """Oracle: the rule (`gradcheck._calls`): a tuple does not fill ``mask=None``; when the model
+    then raises on its input, every adapter's error says how x was passed and what to do."""
+    _need(framework)
+    x = tuple(_as_arrays(framework, (np.ones(3), np.ones(3))))
+    with pytest.raises(ModelError) as info:
+        check_gradients(_needs_a_mask(framework), x)
+    assert "went to the call as its one argument `x`" in str(info.value)
+    assert "x={'x': ..., ...}" in str(info.value)
