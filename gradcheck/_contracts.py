@@ -22,7 +22,8 @@ adapter puts on its `FlatProblem`:
 
 A contract a model cannot have (no forward-mode rule, no batching rule; NumPy models have first
 order only) is a section "not checked", which does not fail the check; a backward that cannot
-be differentiated fails the second-order section, which was asked for.
+be differentiated fails the second-order section, which was asked for, and a rule that exists
+and raises fails its section. Either way the other sections keep their verdicts.
 """
 
 from __future__ import annotations
