@@ -395,14 +395,14 @@ def _header(report: Report) -> list[str]:
         first = f"{check} inconclusive: {where(len(vague))} could not be verified ({summary})"
     if report.contract == "batched backward":
         formula = (
-            "test: the gradients at several points in one vmapped call equal those at each "
-            "point alone, within atol*scale + round-off"
+            "test: the loss and the gradients at several points in one vmapped call equal "
+            "those at each point alone, within atol*scale + round-off"
         )
     elif report.contract == "forward mode" and report.mode == "fast":
         formula = (
             "test per block: the JVP along a random direction equals reverse mode's <g, v> "
-            f"within round-off, or else finite differences within {report.safety:g}*estimated "
-            "error + rtol*(one typical entry's share)"
+            "within round-off; where not, the entries halving finds are judged against finite "
+            "differences as full mode judges them"
         )
     elif report.mode == "fast":
         formula = (
