@@ -42,10 +42,10 @@ from gradcheck.adapters.torch import (
     _LazyChoice,
     _normal_mode,
     _Raised,
+    flat_gradient,
 )
 from torch.autograd.function import BackwardCFunction, once_differentiable
 
-from gradcheck import _memory
 from gradcheck._errors import first_line
 from gradcheck._problem import FlatProblem, Unavailable
 from gradcheck.errors import GradcheckInputError
@@ -149,19 +149,7 @@ def _functional(ev: _Evaluator) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _flat(ev: _Evaluator, grads: list[Any]) -> np.ndarray:
     """Per-block gradients (None for zeros) as one float64 vector."""
-    out = _memory.empty(ev.size)
-    flat = torch.from_numpy(out)
-    offset = 0
-    for g, size in zip(grads, ev.sizes, strict=True):
-        part = flat[offset : offset + size]
-        if g is None:
-            part.zero_()
-        else:
-            if g.layout != torch.strided:
-                g = g.to_dense()
-            part.copy_(g.detach().reshape(-1))
-        offset += size
-    return out
+    return flat_gradient(ev.sizes, grads)
 
 
 def _chunk_rows(ev: _Evaluator) -> int:

@@ -891,19 +891,7 @@ class _Evaluator:
                     f"torch.autograd.grad could not differentiate the model ({exc}); "
                     "gradients were taken with .backward() instead"
                 )
-        out = _memory.empty(self.size)
-        flat = torch.from_numpy(out)
-        offset = 0
-        for g, size in zip(grads, self.sizes, strict=True):
-            part = flat[offset : offset + size]
-            if g is None:
-                part.zero_()
-            else:
-                if g.layout != torch.strided:
-                    g = g.to_dense()
-                part.copy_(g.detach().reshape(-1))
-            offset += size
-        return out, value
+        return flat_gradient(self.sizes, grads), value
 
     def _gradient_once(
         self, row: torch.Tensor, *, use_backward: bool
@@ -964,6 +952,23 @@ class _Evaluator:
     def precision(self) -> Precision:
         lowest = min((d for d in self.observed if d in _RANK), key=_RANK.__getitem__)
         return _PRECISIONS[lowest]
+
+
+def flat_gradient(sizes: Sequence[int], grads: Sequence[Any]) -> np.ndarray:
+    """Per-block gradients (None for zeros, sparse ones made dense) as one float64 vector."""
+    out = _memory.empty(sum(sizes))
+    flat = torch.from_numpy(out)
+    offset = 0
+    for g, size in zip(grads, sizes, strict=True):
+        part = flat[offset : offset + size]
+        if g is None:
+            part.zero_()
+        else:
+            if g.layout != torch.strided:
+                g = g.to_dense()
+            part.copy_(g.detach().reshape(-1))
+        offset += size
+    return out
 
 
 def _graph_leaves(value: torch.Tensor) -> list[torch.Tensor]:
