@@ -64,6 +64,24 @@ def median_time(fn: Callable[[], Any], repeat: int = 7, min_time: float = 0.02) 
 
 
 # ----------------------------------------------------------------------------- torch
+def torch_linear_layers(sizes: list[int], seed: int) -> Any:
+    """The benchmarks' float64 ``nn.Linear`` layers of an MLP of ``sizes``: weights normal
+    over sqrt(fan-in), biases 0.1 normal, from ``seed``."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = torch.nn.ModuleList()
+    for n_in, n_out in itertools.pairwise(sizes):
+        lin = torch.nn.Linear(n_in, n_out, dtype=torch.float64)
+        with torch.no_grad():
+            lin.weight.copy_(
+                torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) / n_in**0.5
+            )
+            lin.bias.copy_(0.1 * torch.randn(n_out, generator=gen, dtype=torch.float64))
+        layers.append(lin)
+    return layers
+
+
 def torch_setup(sizes: list[int], seed: int) -> dict[str, Any]:
     import torch
 
@@ -90,16 +108,7 @@ def torch_setup(sizes: list[int], seed: int) -> dict[str, Any]:
     class Net(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            gen = torch.Generator().manual_seed(seed)
-            self.layers = torch.nn.ModuleList()
-            for n_in, n_out in itertools.pairwise(sizes):
-                lin = torch.nn.Linear(n_in, n_out, dtype=torch.float64)
-                with torch.no_grad():
-                    lin.weight.copy_(
-                        torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) / n_in**0.5
-                    )
-                    lin.bias.copy_(0.1 * torch.randn(n_out, generator=gen, dtype=torch.float64))
-                self.layers.append(lin)
+            self.layers = torch_linear_layers(sizes, seed)
             self.index = (0, 0)
             self.factor = 1.0
 

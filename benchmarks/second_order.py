@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scale import median_time, widths  # (benchmarks/ is the script's folder)
+from scale import median_time, torch_linear_layers, widths  # (benchmarks/ is the script's folder)
 
 from gradcheck import check_gradients
 
@@ -101,16 +100,7 @@ class PlantedLinear(torch.autograd.Function):
 class Net(torch.nn.Module):
     def __init__(self, sizes: list[int], seed: int) -> None:
         super().__init__()
-        gen = torch.Generator().manual_seed(seed)
-        self.layers = torch.nn.ModuleList()
-        for n_in, n_out in itertools.pairwise(sizes):
-            lin = torch.nn.Linear(n_in, n_out, dtype=torch.float64)
-            with torch.no_grad():
-                lin.weight.copy_(
-                    torch.randn(n_out, n_in, generator=gen, dtype=torch.float64) / n_in**0.5
-                )
-                lin.bias.copy_(0.1 * torch.randn(n_out, generator=gen, dtype=torch.float64))
-            self.layers.append(lin)
+        self.layers = torch_linear_layers(sizes, seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, lin in enumerate(self.layers):
